@@ -1,0 +1,48 @@
+"""The ``efficientad`` command: one sub-command per module of this package.
+
+Each sub-command module defines ``register(subparsers)``, which adds its parser and sets
+``handler`` to a function taking the parsed arguments and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import __version__
+from ..errors import EfficientADError
+
+COMMANDS = ("demo", "train", "predict", "pretrain")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="efficientad",
+        description="EfficientAD visual anomaly detection: train on good images, find defects in milliseconds.",
+    )
+    parser.add_argument("--version", action="version", version=f"efficientad {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except EfficientADError as error:
+        print(f"efficientad {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"efficientad {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""The one exception type users see: a problem with their input, said in one line."""
+
+
+class EfficientADError(ValueError):
+    """Bad input (missing folder, unreadable image, incompatible model file, ...).
+
+    The CLI prints its message as a one-line error; the Python API lets it propagate. It derives
+    from ``ValueError`` so that callers who validate arguments the scikit-learn way can catch that.
+    """

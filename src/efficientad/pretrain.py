@@ -1,0 +1,607 @@
+"""Teacher pretraining: distil a patch description network (PDN) from a pretrained backbone.
+
+The paper's teacher is a PDN trained to reproduce, at 256x256 input, the features a WideResNet-101
+computes at 512x512. :class:`DistillationTarget` computes those features exactly as the reference
+reproduction does (layer2 and layer3, each 3x3 patch flattened and average-pooled to 1024 values,
+layer3 brought to layer2's grid, the pair pooled to 384 channels); :func:`pretrain_teacher` runs the
+distillation with checkpoints, resume, a wall-clock budget and held-out validation.
+
+Randomness: every sample's image choice and augmentation derive from ``(seed, stream, sample
+index)`` alone, so a checkpoint's step fixes the data stream's position and a resumed run draws
+exactly the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .data import IMAGENET_MEAN, IMAGENET_STD, list_images, read_image, resize_to_tensor
+from .errors import EfficientADError
+from .model import atomic_save, versions
+from .networks import PDN_SPECS, TEACHER_CHANNELS, pdn, pdn_output_side
+from .runlog import write_run_record
+
+TEACHER_FORMAT = "efficientad-teacher"
+TEACHER_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT = "efficientad-pretrain-checkpoint"
+
+# Output channels of layer2 and layer3 for each supported torchvision backbone.
+BACKBONES: dict[str, tuple[int, int]] = {
+    "wide_resnet101_2": (512, 1024),
+    "wide_resnet50_2": (512, 1024),
+    "resnet18": (128, 256),
+    "resnet50": (512, 1024),
+}
+# Everything a forward pass up to layer3 touches; layer4 and fc are dropped to save compute.
+BACKBONE_MODULES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
+# The reference reproduction pools every layer's flattened 3x3 patches to this many values.
+LAYER_DIMENSION = 1024
+PATCH_SIZE = 3
+
+# Crops keep at least half the image: ImageNet-style photos stay recognisable while a small folder
+# still yields many distinct views.
+CROP_SCALE = (0.5, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+# Seeds mix in one of these so that the split, the statistics pass and training draw independently.
+_SPLIT_STREAM, _TRAIN_STREAM, _STATISTICS_STREAM = 0, 1, 2
+# A channel (almost) silent during the statistics pass would divide its later activations by ~0
+# and dominate the loss; its std is floored at this fraction of the median channel's.
+_MIN_RELATIVE_STD = 1e-2
+
+
+# --------------------------------------------------------------------------------------------------
+# The distillation target
+
+
+class _Trunk(nn.Module):
+    """A torchvision ResNet cut after layer3, keeping torchvision's module (and state_dict) names."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        for name in BACKBONE_MODULES:
+            setattr(self, name, getattr(network, name))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        layer2 = self.layer2(self.layer1(x))
+        return layer2, self.layer3(layer2)
+
+
+def _read_state_dict(weights: str | os.PathLike, name: str) -> dict[str, torch.Tensor]:
+    if str(weights) == "imagenet":
+        from torchvision.models import get_model_weights
+
+        # IMAGENET1K_V1 is what the paper and its reference reproduction distil from.
+        try:
+            return get_model_weights(name)["IMAGENET1K_V1"].get_state_dict(progress=True)
+        except OSError as error:
+            raise EfficientADError(
+                f"could not download the ImageNet weights of {name} ({error}); "
+                "pass a local torchvision state_dict file as the backbone weights instead"
+            ) from None
+    path = Path(weights)
+    if not path.is_file():
+        raise EfficientADError(f"backbone weights not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for foreign or corrupt files
+        raise EfficientADError(f"could not read backbone weights {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EfficientADError(f"backbone weights {path} are not a torchvision state_dict (a dict of tensors)")
+    return state
+
+
+def _list_keys(keys: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_backbone(name: str = "wide_resnet101_2", weights: str | os.PathLike | None = "imagenet") -> nn.Module:
+    """Build a torchvision backbone truncated after layer3, frozen and in eval mode.
+
+    ``weights`` is a path to a torchvision ``state_dict`` (keys after layer3 may be absent and are
+    ignored), ``"imagenet"`` to download torchvision's ImageNet weights, or ``None`` for random
+    weights (for tests). Its forward returns the (layer2, layer3) feature maps.
+    """
+    if name not in BACKBONES:
+        raise EfficientADError(f"backbone must be one of {', '.join(BACKBONES)}, got {name!r}")
+    import torchvision  # deferred: importing it costs a second that `efficientad --help` should not pay
+
+    trunk = _Trunk(getattr(torchvision.models, name)(weights=None))
+    if weights is not None:
+        state = _read_state_dict(weights, name)
+        expected = trunk.state_dict()
+        # BN's step counter is never read in eval mode, so files may omit it.
+        missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+        misshaped = [
+            f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+            for k, v in expected.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        source = "ImageNet weights" if str(weights) == "imagenet" else f"backbone weights {weights}"
+        if missing:
+            raise EfficientADError(f"{source} lack {len(missing)} {name} key(s) up to layer3: {_list_keys(missing)}")
+        if misshaped:
+            raise EfficientADError(f"{source} do not fit {name}: {_list_keys(misshaped)}")
+        trunk.load_state_dict({k: state[k] for k in expected if k in state}, strict=False)
+    trunk.requires_grad_(False)
+    return trunk.eval()
+
+
+def _patch_pooling(channels: int, dimension: int = LAYER_DIMENSION) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel indices and 3x3 weights of a grouped convolution that average-pools flattened patches.
+
+    The reference flattens each 3x3 patch of a ``channels``-channel map to ``channels * 9`` values
+    (channel-major) and adaptive-average-pools them to ``dimension``. Each pooled value is a short
+    window of that vector, touching at most ``span`` consecutive channels, so it is one group of a
+    convolution over those channels. Returns ``index`` (dimension * span channel indices to gather)
+    and ``weight`` (dimension, span, 3, 3).
+    """
+    length = channels * PATCH_SIZE**2
+    starts = [o * length // dimension for o in range(dimension)]
+    ends = [-(-(o + 1) * length // dimension) for o in range(dimension)]
+    first = [start // PATCH_SIZE**2 for start in starts]
+    span = max((end - 1) // PATCH_SIZE**2 - c + 1 for end, c in zip(ends, first))
+    weight = torch.zeros(dimension, span, PATCH_SIZE**2, dtype=torch.float64)
+    for o, (start, end, c) in enumerate(zip(starts, ends, first)):
+        for j in range(start, end):
+            weight[o, j // PATCH_SIZE**2 - c, j % PATCH_SIZE**2] += 1.0 / (end - start)
+    # Windows near the end may span fewer channels; their unused slots point at a valid channel
+    # with zero weight.
+    index = (torch.tensor(first)[:, None] + torch.arange(span)).clamp_(max=channels - 1)
+    return index.flatten(), weight.view(dimension, span, PATCH_SIZE, PATCH_SIZE).float()
+
+
+class DistillationTarget(nn.Module):
+    """The features a teacher PDN learns to reproduce (unstandardised).
+
+    Input: ImageNet-normalised images at twice the PDN's input side (512x512 for the paper's 256).
+    Output: ``out_channels`` maps on layer2's grid (1/8 of the input side; 64x64 at 512x512).
+
+    For the 1024-channel layer3 of the ResNet-50 family the patch pooling is exactly a 3x3 average
+    pooling (stride 1, zero padding 1); for other widths each pooled value averages a window of the
+    flattened patch, as in the reference reproduction.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet101_2",
+        weights: str | os.PathLike | None = "imagenet",
+        out_channels: int = TEACHER_CHANNELS,
+    ) -> None:
+        super().__init__()
+        self.backbone_name = backbone
+        self.out_channels = out_channels
+        self.backbone = load_backbone(backbone, weights)
+        for layer, channels in zip(("layer2", "layer3"), BACKBONES[backbone]):
+            index, weight = _patch_pooling(channels)
+            self.register_buffer(f"{layer}_index", index, persistent=False)
+            self.register_buffer(f"{layer}_weight", weight, persistent=False)
+
+    def _pool_patches(self, features: torch.Tensor, layer: str) -> torch.Tensor:
+        index, weight = getattr(self, f"{layer}_index"), getattr(self, f"{layer}_weight")
+        gathered = features.index_select(1, index)
+        return F.conv2d(gathered, weight.to(gathered.dtype), padding=PATCH_SIZE // 2, groups=weight.shape[0])
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        layer2, layer3 = self.backbone(images)
+        layer2 = self._pool_patches(layer2, "layer2")
+        # Pooling patches and bilinear resizing are both linear per map, so pooling at layer3's
+        # coarser grid first equals the reference's resize-then-pool at a quarter of the cost.
+        layer3 = F.interpolate(
+            self._pool_patches(layer3, "layer3"), size=layer2.shape[-2:], mode="bilinear", align_corners=False
+        )
+        features = torch.cat([layer2, layer3], dim=1).unsqueeze(1)
+        return F.adaptive_avg_pool3d(features, (self.out_channels, *layer2.shape[-2:])).squeeze(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def _random_crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    width, height = image.size
+    for _ in range(10):
+        area = width * height * rng.uniform(*CROP_SCALE)
+        ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
+        crop_width, crop_height = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            left = int(rng.integers(0, width - crop_width + 1))
+            top = int(rng.integers(0, height - crop_height + 1))
+            return image.crop((left, top, left + crop_width, top + crop_height))
+    return image
+
+
+class _DistillationImages(Dataset):
+    """Pairs of uint8 views (backbone side, PDN side) of one image, indexed by sample number.
+
+    Augmented streams cycle through seeded shuffles of the images, one per epoch, and draw a random
+    resized crop, a horizontal flip and (with probability ``grayscale``) a grayscale conversion,
+    shared by both views. Plain streams read image ``n`` whole.
+    """
+
+    def __init__(
+        self, paths: Sequence[Path], sides: tuple[int, int], seed: int, stream: int, augment: bool, grayscale: float
+    ) -> None:
+        self.paths, self.sides, self.seed, self.stream = list(paths), sides, seed, stream
+        self.augment, self.grayscale = augment, grayscale
+        self._epoch, self._order = -1, np.arange(0)
+
+    def _path(self, n: int) -> Path:
+        if not self.augment:
+            return self.paths[n]
+        epoch, position = divmod(n, len(self.paths))
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, self.stream, 0, epoch]).permutation(len(self.paths))
+        return self.paths[self._order[position]]
+
+    def __getitem__(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+        try:
+            image = read_image(self._path(n))
+        except EfficientADError as error:
+            # Returned, not raised: a worker process would re-raise it wrapped in a traceback.
+            return str(error)
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.stream, 1, n])
+            image = _random_crop(image, rng)
+            if rng.random() < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if rng.random() < self.grayscale:
+                image = image.convert("L").convert("RGB")
+        return tuple(resize_to_tensor(image, (side, side)) for side in self.sides)
+
+
+def _collate(items: list[tuple[torch.Tensor, torch.Tensor] | str]) -> tuple[torch.Tensor, torch.Tensor] | str:
+    for item in items:
+        if isinstance(item, str):
+            return item
+    return tuple(torch.stack(views) for views in zip(*items))
+
+
+def _batches(dataset: _DistillationImages, samples: range, batch_size: int, workers: int, device: torch.device):
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=samples,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    for batch in loader:
+        if isinstance(batch, str):
+            raise EfficientADError(batch)
+        yield tuple((view.to(device, non_blocking=True).float() / 255.0 - mean) / std for view in batch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+def checkpoint_path(out: str | os.PathLike) -> Path:
+    """Where :func:`pretrain_teacher` keeps the checkpoint for output ``out``: ``OUT.ckpt``."""
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
+
+
+@dataclass
+class PretrainResult:
+    """What a pretraining run produced."""
+
+    out: Path
+    steps: int  # total optimisation steps of the teacher, including those before a resume
+    start_step: int  # the step this run resumed from (0 for a fresh run)
+    validation_loss: float
+    seconds: float  # wall-clock seconds of this run
+    stopped_by: str  # "steps" or "time_budget"
+    losses: dict[str, list[list[float]]] = field(default_factory=dict)  # "train"/"validation": [step, loss]
+
+
+# Settings a resumed run must share with its checkpoint: they fix the data stream and the model.
+_RESUME_KEYS = ("backbone", "model_size", "image_size", "batch_size", "seed", "grayscale", "lr", "weight_decay")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise EfficientADError(message)
+
+
+def _device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise EfficientADError(f"device must be cpu or cuda[:N], got {device!r}") from None
+    _check(parsed.type in ("cpu", "cuda"), f"device must be cpu or cuda[:N], got {device!r}")
+    _check(parsed.type != "cuda" or torch.cuda.is_available(), "device cuda requested but CUDA is not available")
+    return parsed
+
+
+def _split(paths: list[Path], validation_images: int, seed: int) -> tuple[list[Path], list[Path]]:
+    _check(len(paths) >= 2, f"need at least 2 images (one is held out for validation), found {len(paths)}")
+    held_out = min(validation_images, max(1, len(paths) // 10))
+    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(len(paths))
+    validation = sorted(order[:held_out].tolist())
+    training = sorted(order[held_out:].tolist())
+    return [paths[i] for i in training], [paths[i] for i in validation]
+
+
+@torch.no_grad()
+def _target_statistics(
+    target: DistillationTarget, batches, count: int, autocast: Callable[[], Any], progress: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from tqdm import tqdm
+
+    total = total_squares = None
+    values = 0
+    with tqdm(total=count, desc="Target statistics", unit="img", disable=not progress) as bar:
+        for backbone_view, _ in batches:
+            with autocast():
+                features = target(backbone_view)
+            # float64 sums keep E[x^2] - E[x]^2 accurate over millions of values.
+            features = features.double()
+            sums, squares = features.sum(dim=(0, 2, 3)), features.square().sum(dim=(0, 2, 3))
+            total = sums if total is None else total + sums
+            total_squares = squares if total_squares is None else total_squares + squares
+            values += features.numel() // features.shape[1]
+            bar.update(len(backbone_view))
+    mean = total / values
+    std = (total_squares / values - mean.square()).clamp(min=0).sqrt()
+    std = std.clamp(min=max(_MIN_RELATIVE_STD * float(std.median()), 1e-6))
+    return mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
+
+
+@torch.no_grad()
+def _validation_loss(teacher, target, batches, mean, std, autocast) -> float:
+    total, count = 0.0, 0
+    for backbone_view, pdn_view in batches:
+        with autocast():
+            expected = (target(backbone_view).float() - mean) / std
+            total += F.mse_loss(teacher(pdn_view).float(), expected, reduction="sum").item()
+        count += expected.numel()
+    return total / count
+
+
+def pretrain_teacher(
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    backbone: str = "wide_resnet101_2",
+    backbone_weights: str | os.PathLike | None = "imagenet",
+    model_size: str = "s",
+    steps: int = 60_000,
+    batch_size: int = 16,
+    lr: float = 1e-4,
+    weight_decay: float = 1e-5,
+    grayscale: float = 0.1,
+    image_size: int = 256,
+    normalization_images: int = 10_000,
+    validation_images: int = 32,
+    validate_every: int = 1000,
+    checkpoint_every: int = 1000,
+    resume: bool = False,
+    time_budget: float | None = None,
+    seed: int = 42,
+    device: str | None = None,
+    bf16: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+) -> PretrainResult:
+    """Distil a teacher PDN from a backbone on the images of a folder and write it to ``out``.
+
+    The PDN (``model_size`` "s" or "m", padding on) sees ``image_size`` squares and learns with MSE
+    the standardised :class:`DistillationTarget` of the same view at twice that side. The target's
+    per-channel mean and std come from a first pass over ``normalization_images`` augmented samples.
+    Images are read recursively from ``images``; a seeded few are held out and their loss logged
+    every ``validate_every`` steps.
+
+    A checkpoint (model, optimizer, step, target statistics, losses) goes to ``OUT.ckpt`` every
+    ``checkpoint_every`` steps and at the end (0: never); ``resume=True`` continues from it.
+    ``time_budget`` (seconds of this run, statistics pass included) stops training early and still
+    writes a valid teacher. ``bf16`` runs the forward passes under bfloat16 autocast.
+
+    ``out`` is written atomically: a dict loadable with ``torch.load(weights_only=True)`` holding
+    ``format``, ``format_version``, ``model_size``, ``state_dict`` (the PDN's, with
+    ``nn.Sequential`` index keys), ``backbone``, ``steps``, ``validation_loss`` and ``versions``.
+    ``pretrain.json`` beside it records the settings, versions, seconds and losses.
+    """
+    started = time.monotonic()
+    out = Path(out)
+    _check(backbone in BACKBONES, f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
+    _check(model_size in PDN_SPECS, f"model_size must be one of {', '.join(PDN_SPECS)}, got {model_size!r}")
+    for name, value, minimum in (
+        ("steps", steps, 1),
+        ("batch_size", batch_size, 1),
+        ("normalization_images", normalization_images, 1),
+        ("validation_images", validation_images, 1),
+        ("validate_every", validate_every, 1),
+        ("checkpoint_every", checkpoint_every, 0),
+    ):
+        _check(isinstance(value, int) and value >= minimum, f"{name} must be an integer >= {minimum}, got {value!r}")
+    _check(isinstance(seed, int) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
+    _check(lr > 0, f"lr must be positive, got {lr}")
+    _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
+    _check(0.0 <= grayscale <= 1.0, f"grayscale must be a probability in [0, 1], got {grayscale}")
+    _check(
+        isinstance(image_size, int) and image_size >= 32 and image_size % 16 == 0,
+        f"image_size must be a multiple of 16 and at least 32, got {image_size!r}",
+    )
+    _check(time_budget is None or time_budget > 0, f"time_budget must be positive seconds, got {time_budget}")
+    _check(workers is None or workers >= 0, f"workers must be >= 0, got {workers}")
+    _check(not out.is_dir(), f"out is a directory, expected a file path: {out}")
+    torch_device = _device(device)
+    if workers is None:
+        workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+    checkpoint_file = checkpoint_path(out)
+    _check(not resume or checkpoint_file.is_file(), f"no checkpoint to resume from: {checkpoint_file}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    config = {
+        "images": str(images),
+        "out": str(out),
+        "backbone": backbone,
+        "backbone_weights": None if backbone_weights is None else str(backbone_weights),
+        "model_size": model_size,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "grayscale": grayscale,
+        "image_size": image_size,
+        "normalization_images": normalization_images,
+        "validation_images": validation_images,
+        "validate_every": validate_every,
+        "checkpoint_every": checkpoint_every,
+        "time_budget": time_budget,
+        "seed": seed,
+        "device": str(torch_device),
+        "bf16": bf16,
+        "workers": workers,
+    }
+    checkpoint = None
+    if resume:
+        try:
+            checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch.load raises many types for foreign or corrupt files
+            raise EfficientADError(f"could not read checkpoint {checkpoint_file}: {str(error).splitlines()[0]}") from None
+        _check(
+            isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT,
+            f"not a pretraining checkpoint: {checkpoint_file}",
+        )
+        for key in _RESUME_KEYS:
+            _check(
+                checkpoint["config"][key] == config[key],
+                f"checkpoint {checkpoint_file} has {key}={checkpoint['config'][key]!r}, this run {config[key]!r}",
+            )
+
+    training_paths, validation_paths = _split(list_images(images, recursive=True), validation_images, seed)
+    target = DistillationTarget(backbone, backbone_weights).to(torch_device)
+    grid = pdn_output_side(model_size, image_size, padding=True)
+    _check(grid == image_size // 4, f"image_size {image_size} gives a {grid}x{grid} PDN output, not {image_size // 4}")
+    sides = (2 * image_size, image_size)
+
+    def autocast():
+        return torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def stream(samples: range, kind: int) -> Any:
+        dataset = _DistillationImages(training_paths, sides, seed, kind, augment=True, grayscale=grayscale)
+        return _batches(dataset, samples, batch_size, workers, torch_device)
+
+    validation = _DistillationImages(validation_paths, sides, seed, _SPLIT_STREAM, augment=False, grayscale=0.0)
+
+    torch.manual_seed(seed)
+    teacher = pdn(model_size, TEACHER_CHANNELS, padding=True).to(torch_device)
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=lr, weight_decay=weight_decay)
+    if checkpoint is not None:
+        teacher.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        mean, std = checkpoint["channel_mean"].to(torch_device), checkpoint["channel_std"].to(torch_device)
+        start_step, losses = checkpoint["step"], checkpoint["losses"]
+        previous_seconds = checkpoint["seconds"]
+    else:
+        statistics = stream(range(normalization_images), _STATISTICS_STREAM)
+        mean, std = _target_statistics(target, statistics, normalization_images, autocast, progress)
+        start_step, losses, previous_seconds = 0, {"train": [], "validation": []}, 0.0
+
+    def save_checkpoint(step: int) -> None:
+        atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "model": teacher.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "channel_mean": mean.cpu(),
+                "channel_std": std.cpu(),
+                "losses": losses,
+                "seconds": previous_seconds + time.monotonic() - started,
+                "config": config,
+            },
+            checkpoint_file,
+        )
+
+    def validate(step: int) -> float:
+        batches = _batches(validation, range(len(validation_paths)), batch_size, 0, torch_device)
+        loss = _validation_loss(teacher, target, batches, mean, std, autocast)
+        losses["validation"].append([step, loss])
+        return loss
+
+    from tqdm import tqdm
+
+    step, stopped_by = start_step, "steps"
+    interval_loss, interval_steps = 0.0, 0
+    with tqdm(total=steps, initial=start_step, desc="Pretraining", unit="step", disable=not progress) as bar:
+        for backbone_view, pdn_view in stream(range(start_step * batch_size, steps * batch_size), _TRAIN_STREAM):
+            if time_budget is not None and time.monotonic() - started >= time_budget:
+                stopped_by = "time_budget"
+                break
+            with autocast():
+                expected = (target(backbone_view).float() - mean) / std
+                loss = F.mse_loss(teacher(pdn_view).float(), expected)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_value = loss.item()
+            interval_loss, interval_steps = interval_loss + loss_value, interval_steps + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if step % validate_every == 0:
+                losses["train"].append([step, interval_loss / interval_steps])
+                interval_loss, interval_steps = 0.0, 0
+                bar.set_postfix(loss=f"{loss_value:.4f}", validation=f"{validate(step):.4f}")
+            if checkpoint_every and step % checkpoint_every == 0:
+                save_checkpoint(step)
+    if interval_steps:
+        losses["train"].append([step, interval_loss / interval_steps])
+    if not losses["validation"] or losses["validation"][-1][0] != step:
+        validate(step)
+    validation_loss = losses["validation"][-1][1]
+    if checkpoint_every:
+        save_checkpoint(step)
+
+    atomic_save(
+        {
+            "format": TEACHER_FORMAT,
+            "format_version": TEACHER_FORMAT_VERSION,
+            "model_size": model_size,
+            "state_dict": {k: v.detach().cpu().float().clone() for k, v in teacher.state_dict().items()},
+            "backbone": backbone,
+            "steps": step,
+            "validation_loss": validation_loss,
+            "versions": versions(),
+        },
+        out,
+    )
+    seconds = time.monotonic() - started
+    report = {
+        "config": config,
+        "steps": step,
+        "start_step": start_step,
+        "stopped_by": stopped_by,
+        "seconds": seconds,
+        "total_seconds": previous_seconds + seconds,
+        "training_images": len(training_paths),
+        "validation_images": len(validation_paths),
+        "validation_loss": validation_loss,
+        "losses": losses,
+    }
+    write_run_record(out.parent / "pretrain.json", report)
+    return PretrainResult(out, step, start_step, validation_loss, seconds, stopped_by, losses)

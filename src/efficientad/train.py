@@ -1,0 +1,317 @@
+"""Training: the paper's losses and loop (algorithm 1 of the paper's supplement), then calibration.
+
+One step, as the paper writes it::
+
+    L_hard  = mean of (T(I) - S_st(I))**2 over the elements at or above their 0.999 quantile
+    L_pen   = mean of S_st(P)**2 for one penalty image P          (off without penalty images)
+    L_AE    = mean of (T(I') - A(I'))**2 for the augmented image I'
+    L_STAE  = mean of (A(I') - S_ae(I'))**2
+    L       = L_hard + L_pen + L_AE + L_STAE,  Adam(lr 1e-4, weight decay 1e-5), lr x0.1 at 95%
+
+Work the method does not need is skipped, without changing what is computed: the frozen teacher's
+features of the clean training images are computed once and reused every step, and the student
+runs once per step on the clean, augmented and penalty images together (it has no batch-norm, so
+this equals separate calls).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from tqdm import tqdm
+
+from .data import to_float
+from .errors import EfficientADError
+from .model import EfficientADModel, to_image_grid
+from .networks import TEACHER_CHANNELS
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Above this, per-image teacher features are recomputed each step instead of kept in memory.
+TEACHER_CACHE_LIMIT_BYTES = 4 << 30
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters; the defaults are the paper's."""
+
+    steps: int = 70_000
+    batch_size: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-5
+    lr_drop_fraction: float = 0.95
+    hard_loss_quantile: float = 0.999
+    map_quantile_low: float = 0.9
+    map_quantile_high: float = 0.995
+    false_positive_rate: float = 0.01
+    precision: str = "fp32"
+    seed: int = 0
+    cache_teacher: bool | None = None  # None: when the features fit TEACHER_CACHE_LIMIT_BYTES
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise EfficientADError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise EfficientADError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.precision not in PRECISIONS:
+            raise EfficientADError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0.0 < self.false_positive_rate < 1.0:
+            raise EfficientADError(f"false_positive_rate must be in (0, 1), got {self.false_positive_rate}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation) for tensors of any size.
+
+    ``torch.quantile`` refuses inputs above 2**24 elements; a top-k over the upper tail finds the
+    same two order statistics without sorting everything.
+    """
+    flat = values.reshape(-1)
+    position = q * (flat.numel() - 1)
+    below = int(math.floor(position))
+    # Descending, so the last two entries are the order statistics at ``below`` and ``below + 1``.
+    tail = torch.topk(flat, k=flat.numel() - below, largest=True, sorted=True).values
+    low = tail[-1]
+    high = tail[-2] if len(tail) > 1 else low
+    return low + (high - low) * (position - below)
+
+
+def hard_feature_loss(distance: torch.Tensor, q: float = 0.999) -> torch.Tensor:
+    """Mean of the squared errors at or above their ``q`` quantile (the paper's L_hard)."""
+    threshold = quantile(distance.detach(), q)
+    return distance[distance >= threshold].mean()
+
+
+def augment_for_autoencoder(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One random choice of brightness, contrast or saturation jitter, factor in [0.8, 1.2], per image."""
+    adjusters = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    out = []
+    for image in images:
+        choice = int(torch.randint(len(adjusters), (1,), generator=generator))
+        factor = 0.8 + 0.4 * float(torch.rand((), generator=generator))
+        out.append(adjusters[choice](image, factor))
+    return torch.stack(out)
+
+
+def penalty_image(penalty_images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One random penalty image as floats, turned gray with probability 0.3 (the paper's P)."""
+    index = int(torch.randint(len(penalty_images), (1,), generator=generator))
+    image = to_float(penalty_images[index : index + 1])
+    if float(torch.rand((), generator=generator)) < 0.3:
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+    return image
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def _batches(n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+@torch.no_grad()
+def fit_teacher_normalization(
+    model: EfficientADModel, images: torch.Tensor, precision: str = "fp32", keep_features: bool = False, progress: bool = False
+) -> torch.Tensor | None:
+    """Set the teacher's per-channel mean/std over ``images``; optionally return its normalised features.
+
+    Mean and variance are taken over all images and positions, as in the reference reproduction.
+    """
+    device = model.teacher_mean.device
+    total = torch.zeros(TEACHER_CHANNELS, dtype=torch.float64, device=device)
+    total_sq = torch.zeros_like(total)
+    count = 0
+    kept = []
+    for part in tqdm(list(_batches(len(images), 8)), desc="Teacher statistics", disable=not progress, leave=False):
+        with autocast(device, precision):
+            features = model.teacher(model.normalize_input(to_float(images[part].to(device)))).float()
+        total += features.sum(dim=(0, 2, 3), dtype=torch.float64)
+        total_sq += features.double().pow(2).sum(dim=(0, 2, 3))
+        count += features.shape[0] * features.shape[2] * features.shape[3]
+        if keep_features:
+            kept.append(features)
+    mean = total / count
+    std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
+    model.teacher_mean.copy_(mean.float().view(1, -1, 1, 1))
+    model.teacher_std.copy_(std.float().view(1, -1, 1, 1))
+    if not keep_features:
+        return None
+    features = torch.cat(kept)
+    return features.sub_(model.teacher_mean).div_(model.teacher_std)
+
+
+def teacher_cache_bytes(model: EfficientADModel, n_images: int) -> int:
+    height, width = model.feature_size
+    return n_images * TEACHER_CHANNELS * height * width * 4
+
+
+def make_optimizer(model: EfficientADModel, config: TrainConfig):
+    """Adam over student and autoencoder; the learning rate drops tenfold after 95% of the steps."""
+    parameters = list(model.student.parameters()) + list(model.autoencoder.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=max(1, int(config.lr_drop_fraction * config.steps)), gamma=0.1
+    )
+    return optimizer, scheduler
+
+
+def train_networks(
+    model: EfficientADModel,
+    images: torch.Tensor,
+    config: TrainConfig,
+    penalty_images: torch.Tensor | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict:
+    """Train student and autoencoder on uint8 images (N, 3, H, W); returns losses and timings.
+
+    ``penalty_images`` are uint8 (M, 3, H, W) already resized to 2x and centre-cropped; ``None``
+    turns the penalty off. ``on_step(step, losses)`` is called every step with float losses
+    (it forces a device sync, so leave it unset for speed).
+    """
+    device = model.teacher_mean.device
+    if images.shape[-2:] != model.image_size:
+        raise EfficientADError(f"training images are {tuple(images.shape[-2:])}, the model expects {model.image_size}")
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    images = images.to(device)
+    if penalty_images is not None:
+        penalty_images = penalty_images.to(device)
+
+    cache = config.cache_teacher
+    if cache is None:
+        cache = teacher_cache_bytes(model, len(images)) <= TEACHER_CACHE_LIMIT_BYTES
+    cached_features = fit_teacher_normalization(model, images, config.precision, keep_features=cache, progress=progress)
+
+    optimizer, scheduler = make_optimizer(model, config)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    model.train()
+
+    order = torch.randperm(len(images), generator=generator)
+    cursor = 0
+    step_seconds = []
+    last = {}
+    bar = tqdm(range(config.steps), desc="Training", unit="step", disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    for step in bar:
+        tic = time.perf_counter()
+        # Cycle through shuffled epochs like the reference's infinite data loader.
+        if cursor + config.batch_size > len(order):
+            order = torch.cat([order[cursor:], torch.randperm(len(images), generator=generator)])
+            cursor = 0
+        index = order[cursor : cursor + config.batch_size]
+        cursor += config.batch_size
+        losses = training_step(model, images, index, cached_features, penalty_images, generator, config)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["total"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step_seconds.append(time.perf_counter() - tic)
+        if on_step is not None or step % 25 == 0 or step == config.steps - 1:
+            last = {name: float(value.detach()) for name, value in losses.items()}
+            bar.set_postfix(loss=f"{last['total']:.4f}", refresh=False)
+            if on_step is not None:
+                on_step(step, last)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    model.eval()
+    return {
+        "final_losses": last,
+        "train_seconds": seconds,
+        "seconds_per_step": seconds / config.steps,
+        "median_step_seconds": statistics.median(step_seconds),
+        "teacher_cached": bool(cache),
+        "penalty": penalty_images is not None,
+    }
+
+
+def training_step(
+    model: EfficientADModel,
+    images: torch.Tensor,
+    index: torch.Tensor,
+    cached_features: torch.Tensor | None,
+    penalty_images: torch.Tensor | None,
+    generator: torch.Generator,
+    config: TrainConfig,
+) -> dict[str, torch.Tensor]:
+    """The losses of one step (not yet back-propagated)."""
+    device = images.device
+    clean = to_float(images[index.to(device)])
+    augmented = augment_for_autoencoder(clean, generator)
+    x_clean = model.normalize_input(clean)
+    x_augmented = model.normalize_input(augmented)
+    batch = len(index)
+    with torch.no_grad(), autocast(device, config.precision):
+        if cached_features is None:
+            both = model.teacher_features(torch.cat([x_clean, x_augmented])).float()
+            teacher_clean, teacher_augmented = both[:batch], both[batch:]
+        else:
+            teacher_clean = cached_features[index.to(cached_features.device)]
+            teacher_augmented = model.teacher_features(x_augmented).float()
+    student_inputs = [x_clean, x_augmented]
+    if penalty_images is not None:
+        student_inputs.append(model.normalize_input(penalty_image(penalty_images, generator)))
+    with autocast(device, config.precision):
+        student = model.student(torch.cat(student_inputs)).float()
+        reconstruction = model.autoencoder(x_augmented).float()
+    student_clean = student[:batch, :TEACHER_CHANNELS]
+    student_augmented = student[batch : 2 * batch, TEACHER_CHANNELS:]
+
+    loss_hard = hard_feature_loss((teacher_clean - student_clean).pow(2), config.hard_loss_quantile)
+    loss_penalty = student[2 * batch :, :TEACHER_CHANNELS].pow(2).mean() if penalty_images is not None else torch.zeros((), device=device)
+    loss_ae = (teacher_augmented - reconstruction).pow(2).mean()
+    loss_stae = (reconstruction - student_augmented).pow(2).mean()
+    total = loss_hard + loss_penalty + loss_ae + loss_stae
+    return {"total": total, "hard": loss_hard, "penalty": loss_penalty, "ae": loss_ae, "stae": loss_stae}
+
+
+@torch.no_grad()
+def calibrate(model: EfficientADModel, images: torch.Tensor, config: TrainConfig, batch_size: int = 8) -> dict:
+    """Set the map quantiles from held-out normal images; return their scores and a threshold.
+
+    The threshold is the score that the chosen fraction of validation images
+    (``false_positive_rate``, default 1%) exceeds.
+    """
+    device = model.teacher_mean.device
+    model.eval()
+    locals_, globals_ = [], []
+    for part in _batches(len(images), batch_size):
+        with autocast(device, config.precision):
+            local, global_ = model.raw_maps(to_float(images[part].to(device)))
+        locals_.append(local.float())
+        globals_.append(global_.float())
+    local_maps, global_maps = torch.cat(locals_), torch.cat(globals_)
+    q = [
+        quantile(local_maps, config.map_quantile_low),
+        quantile(local_maps, config.map_quantile_high),
+        quantile(global_maps, config.map_quantile_low),
+        quantile(global_maps, config.map_quantile_high),
+    ]
+    # A degenerate spread (constant maps) would divide by zero; keep the maps finite instead.
+    for start, end in ((0, 1), (2, 3)):
+        q[end] = torch.maximum(q[end], q[start] + 1e-12)
+    model.map_quantiles.copy_(torch.stack(q))
+    low, high = config.map_quantile_low, config.map_quantile_high
+    combined = 0.5 * (0.1 * (local_maps - q[0]) / (q[1] - q[0])) + 0.5 * (0.1 * (global_maps - q[2]) / (q[3] - q[2]))
+    scores = to_image_grid(combined, model.image_size).amax(dim=(1, 2, 3))
+    threshold = float(torch.quantile(scores.cpu(), 1.0 - config.false_positive_rate))
+    return {
+        "map_quantiles": {
+            f"local_q{low}": float(q[0]), f"local_q{high}": float(q[1]),
+            f"global_q{low}": float(q[2]), f"global_q{high}": float(q[3]),
+        },
+        "validation_scores": scores.cpu().tolist(),
+        "threshold": threshold,
+    }

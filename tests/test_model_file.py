@@ -1,0 +1,106 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from efficientad.detector import EfficientAD
+from efficientad.errors import EfficientADError
+from efficientad.model import load_model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    images = [(rng.random((256, 256, 3)) * 255).astype(np.uint8) for _ in range(10)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        detector = EfficientAD(teacher="random", steps=2, progress=False).fit(images)
+    path = detector.save(tmp_path_factory.mktemp("model") / "model.pt")
+    return detector, path, images
+
+
+def test_round_trip_gives_identical_scores_and_maps(trained):
+    detector, path, images = trained
+    loaded = EfficientAD.load(path)
+    before, after = detector.predict(images[:3]), loaded.predict(images[:3])
+    for a, b in zip(before, after):
+        assert a.score == b.score
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+    assert loaded.threshold == detector.threshold
+    assert loaded.metadata_["config"]["steps"] == 2
+
+
+def test_model_file_loads_with_weights_only(trained):
+    _, path, _ = trained
+    content = torch.load(path, weights_only=True)
+    assert content["format"] == "efficientad-model"
+    assert content["image_size"] == [256, 256]
+    assert {"teacher_mean", "teacher_std", "map_quantiles"} <= {k for k in content["state_dict"]}
+    assert content["versions"]["torch"] == torch.__version__
+
+
+def test_maps_come_back_at_the_original_size(trained):
+    detector, _, _ = trained
+    image = (np.random.default_rng(1).random((300, 410, 3)) * 255).astype(np.uint8)
+    (prediction,) = detector.predict(image)
+    assert prediction.anomaly_map.shape == (300, 410)
+    assert prediction.local_map.shape == prediction.global_map.shape == (300, 410)
+    assert prediction.score == pytest.approx(float(prediction.anomaly_map.max()))
+    assert prediction.is_anomalous == (prediction.score > detector.threshold)
+
+
+def test_truncated_file_is_refused(trained, tmp_path):
+    _, path, _ = trained
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(EfficientADError, match="cannot read model file"):
+        load_model(broken)
+
+
+def test_teacher_file_is_not_a_model(tmp_path):
+    path = tmp_path / "teacher.pth"
+    torch.save({"0.weight": torch.zeros(1)}, path)
+    with pytest.raises(EfficientADError, match="not an efficientad model file"):
+        load_model(path)
+
+
+def test_newer_format_is_refused(trained, tmp_path):
+    _, path, _ = trained
+    content = torch.load(path, weights_only=True)
+    content["format_version"] = 99
+    newer = tmp_path / "newer.pt"
+    torch.save(content, newer)
+    with pytest.raises(EfficientADError, match="newer efficientad"):
+        load_model(newer)
+
+
+def test_inconsistent_weights_are_refused(trained, tmp_path):
+    _, path, _ = trained
+    content = torch.load(path, weights_only=True)
+    content["model_size"] = "m"
+    wrong = tmp_path / "wrong.pt"
+    torch.save(content, wrong)
+    with pytest.raises(EfficientADError, match="incomplete or inconsistent"):
+        load_model(wrong)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "efficientad-model", "payload": warnings.WarningMessage}, path)
+    with pytest.raises(EfficientADError, match="cannot read model file"):
+        load_model(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(EfficientADError, match="model file not found"):
+        EfficientAD.load(tmp_path / "nope.pt")
+
+
+def test_untrained_detector_cannot_predict_or_save(tmp_path):
+    detector = EfficientAD(teacher="random")
+    with pytest.raises(EfficientADError, match="not trained"):
+        detector.predict(np.zeros((256, 256, 3), np.uint8))
+    with pytest.raises(EfficientADError, match="not trained"):
+        detector.save(tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()

@@ -1,0 +1,154 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from efficientad.model import EfficientADModel
+from efficientad.train import (
+    TrainConfig,
+    augment_for_autoencoder,
+    calibrate,
+    hard_feature_loss,
+    make_optimizer,
+    penalty_image,
+    quantile,
+    train_networks,
+)
+
+
+def brute_force_hard_loss(distance: torch.Tensor, q: float) -> torch.Tensor:
+    values = sorted(distance.flatten().tolist())
+    position = q * (len(values) - 1)
+    low, high = values[math.floor(position)], values[math.ceil(position)]
+    threshold = low + (high - low) * (position - math.floor(position))
+    kept = [v for v in values if v >= threshold]
+    return torch.tensor(sum(kept) / len(kept))
+
+
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.999])
+@pytest.mark.parametrize("shape", [(1, 4, 5, 5), (2, 3, 7, 7), (3, 1000)])
+def test_hard_loss_equals_brute_force(q, shape):
+    distance = torch.rand(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.allclose(hard_feature_loss(distance, q), brute_force_hard_loss(distance, q).double())
+
+
+def test_hard_loss_keeps_ties_at_the_threshold():
+    distance = torch.tensor([1.0, 2.0, 2.0, 2.0, 2.0])
+    # q0.5 is 2.0 and every element equal to it counts.
+    assert hard_feature_loss(distance, 0.5) == 2.0
+
+
+@pytest.mark.parametrize("q", [0.0, 0.1, 0.9, 0.995, 0.999, 1.0])
+def test_quantile_equals_torch_quantile(q):
+    values = torch.randn(10_001, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(quantile(values, q), torch.quantile(values, q))
+
+
+def test_hard_loss_runs_beyond_torch_quantile_limit():
+    distance = torch.rand(2**25, generator=torch.Generator().manual_seed(0))
+    # torch.quantile refused inputs this large in the torch releases the paper's code ran on.
+    threshold = np.quantile(distance.numpy().astype(np.float64), 0.999)
+    assert float(quantile(distance, 0.999)) == pytest.approx(threshold, abs=1e-6)
+    expected = distance[distance >= float(quantile(distance, 0.999))].double().mean()
+    assert float(hard_feature_loss(distance, 0.999)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_autoencoder_augmentation_is_one_jitter_in_range():
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = augment_for_autoencoder(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+    assert not torch.equal(out, images)
+    # Brightness by f in [0.8, 1.2] scales pixels; contrast and saturation keep the gray mean near.
+    ratio = out.mean() / images.mean()
+    assert 0.75 < float(ratio) < 1.25
+
+
+def test_penalty_image_is_sometimes_gray():
+    penalty = (torch.rand(4, 3, 8, 8) * 255).to(torch.uint8)
+    generator = torch.Generator().manual_seed(0)
+    grays = 0
+    for _ in range(200):
+        image = penalty_image(penalty, generator)
+        assert image.shape == (1, 3, 8, 8)
+        grays += bool(torch.allclose(image[:, 0], image[:, 1]) and torch.allclose(image[:, 1], image[:, 2]))
+    assert 35 < grays < 85  # p = 0.3
+
+
+def _tiny_setup(steps=2, **config):
+    torch.manual_seed(0)
+    model = EfficientADModel("s", (256, 256))
+    images = (torch.rand(3, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    return model, images, TrainConfig(steps=steps, **config)
+
+
+def test_penalty_off_and_on():
+    model, images, config = _tiny_setup()
+    off = train_networks(model, images, config, penalty_images=None, progress=False)
+    assert off["final_losses"]["penalty"] == 0.0 and not off["penalty"]
+    model, images, config = _tiny_setup()
+    on = train_networks(model, images, config, penalty_images=images, progress=False)
+    assert on["final_losses"]["penalty"] > 0.0 and on["penalty"]
+
+
+def test_cached_teacher_gives_the_same_losses_as_the_plain_path():
+    histories = []
+    for cache in (True, False):
+        model, images, config = _tiny_setup(steps=3, cache_teacher=cache)
+        losses = []
+        train_networks(model, images, config, progress=False, on_step=lambda step, l: losses.append(l))
+        histories.append(losses)
+    assert histories[0][0]["total"] > 0
+    for cached, plain in zip(*histories):
+        for name in cached:
+            assert cached[name] == pytest.approx(plain[name], rel=1e-5, abs=1e-6), name
+
+
+def test_batched_student_equals_separate_calls():
+    model = EfficientADModel("s", (256, 256))
+    a, b = torch.rand(1, 3, 256, 256), torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        together = model.student(torch.cat([a, b]))
+        apart = torch.cat([model.student(a), model.student(b)])
+    assert torch.allclose(together, apart, atol=1e-5)
+
+
+def test_batch_size_above_one_trains():
+    model, images, config = _tiny_setup(steps=2, batch_size=2)
+    result = train_networks(model, images, config, progress=False)
+    assert np.isfinite(result["final_losses"]["total"])
+
+
+def test_training_step_only_updates_student_and_autoencoder():
+    model, images, config = _tiny_setup()
+    teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    train_networks(model, images, config, progress=False)
+    for key, value in model.teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[key])
+    assert not model.teacher.training
+
+
+def test_calibration_maps_quantiles_to_0_and_0_1():
+    model = EfficientADModel("s", (256, 256)).eval()
+    validation = (torch.rand(4, 3, 256, 256, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
+    result = calibrate(model, validation, TrainConfig(steps=1))
+    with torch.no_grad():
+        _, local, global_ = model(validation.float() / 255)
+    for maps in (local, global_):
+        assert float(torch.quantile(maps.flatten(), 0.9)) == pytest.approx(0.0, abs=1e-5)
+        assert float(torch.quantile(maps.flatten(), 0.995)) == pytest.approx(0.1, abs=1e-5)
+    assert len(result["validation_scores"]) == 4
+    assert min(result["validation_scores"]) <= result["threshold"] <= max(result["validation_scores"])
+
+
+def test_learning_rate_drops_tenfold_at_95_percent():
+    model = EfficientADModel("s", (256, 256))
+    optimizer, scheduler = make_optimizer(model, TrainConfig(steps=100))
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:95] == [1e-4] * 95
+    assert rates[95:] == pytest.approx([1e-5] * 5)
+    assert optimizer.param_groups[0]["weight_decay"] == 1e-5
