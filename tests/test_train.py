@@ -9,11 +9,13 @@ from efficientad.train import (
     TrainConfig,
     augment_for_autoencoder,
     calibrate,
+    fit_teacher_normalization,
     hard_feature_loss,
     make_optimizer,
     penalty_image,
     quantile,
     train_networks,
+    training_step,
 )
 
 
@@ -152,3 +154,34 @@ def test_learning_rate_drops_tenfold_at_95_percent():
     assert rates[:95] == [1e-4] * 95
     assert rates[95:] == pytest.approx([1e-5] * 5)
     assert optimizer.param_groups[0]["weight_decay"] == 1e-5
+
+
+def test_training_step_equals_the_papers_losses_written_plainly():
+    """The optimised step (cached teacher, one trunk pass, half heads) against algorithm 1 verbatim."""
+    torch.manual_seed(0)
+    model = EfficientADModel("s", (256, 256)).eval()  # eval: dropout off, so both sides are deterministic
+    images = (torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    penalty = (torch.rand(3, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    config = TrainConfig(steps=1, batch_size=2)
+    cached = fit_teacher_normalization(model, images, keep_features=True)
+    index = torch.tensor([1, 0])
+    got = training_step(model, images, index, cached, penalty, torch.Generator().manual_seed(5), config)
+
+    generator = torch.Generator().manual_seed(5)
+    clean = images[index].float() / 255
+    augmented = augment_for_autoencoder(clean, generator)
+    penalty_input = penalty_image(penalty, generator)
+    with torch.no_grad():
+        teacher_clean = model.teacher_features(model.normalize_input(clean))
+        teacher_augmented = model.teacher_features(model.normalize_input(augmented))
+    student_clean = model.student(model.normalize_input(clean))[:, :384]
+    distance = (teacher_clean - student_clean) ** 2
+    loss_hard = distance[distance >= torch.quantile(distance, 0.999)].mean()
+    loss_penalty = (model.student(model.normalize_input(penalty_input))[:, :384] ** 2).mean()
+    reconstruction = model.autoencoder(model.normalize_input(augmented))
+    loss_ae = ((teacher_augmented - reconstruction) ** 2).mean()
+    loss_stae = ((reconstruction - model.student(model.normalize_input(augmented))[:, 384:]) ** 2).mean()
+    expected = {"hard": loss_hard, "penalty": loss_penalty, "ae": loss_ae, "stae": loss_stae}
+    expected["total"] = sum(expected.values())
+    for name, value in expected.items():
+        assert float(got[name]) == pytest.approx(float(value), rel=1e-4), name

@@ -80,6 +80,8 @@ def read_image(source: ImageInput) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return _to_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise EfficientADError(f"image too large to decode safely {path}: {error}") from None
     except UnidentifiedImageError:
         raise EfficientADError(f"not an image file (or an unsupported format): {path}") from None
     except (OSError, SyntaxError, ValueError) as error:

@@ -111,7 +111,7 @@ def versions() -> dict[str, str]:
 
     return {
         "efficientad": __version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion would not load with weights_only=True
         "torchvision": torchvision.__version__,
         "numpy": numpy.__version__,
         "python": platform.python_version(),

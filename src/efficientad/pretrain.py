@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +27,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, list_images, read_image, resize_to_tensor
 from .errors import EfficientADError
 from .model import atomic_save, versions
 from .networks import PDN_SPECS, TEACHER_CHANNELS, pdn, pdn_output_side
 from .runlog import write_run_record
+
+# A sample's two views of one image: at the backbone's side and at the PDN's.
+Views = tuple[torch.Tensor, torch.Tensor]
 
 TEACHER_FORMAT = "efficientad-teacher"
 TEACHER_FORMAT_VERSION = 1
@@ -251,7 +255,7 @@ class _DistillationImages(Dataset):
             self._order = np.random.default_rng([self.seed, self.stream, 0, epoch]).permutation(len(self.paths))
         return self.paths[self._order[position]]
 
-    def __getitem__(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+    def __getitem__(self, n: int) -> Views | str:
         try:
             image = read_image(self._path(n))
         except EfficientADError as error:
@@ -267,14 +271,17 @@ class _DistillationImages(Dataset):
         return tuple(resize_to_tensor(image, (side, side)) for side in self.sides)
 
 
-def _collate(items: list[tuple[torch.Tensor, torch.Tensor] | str]) -> tuple[torch.Tensor, torch.Tensor] | str:
+def _collate(items: list[Views | str]) -> Views | str:
     for item in items:
         if isinstance(item, str):
             return item
     return tuple(torch.stack(views) for views in zip(*items))
 
 
-def _batches(dataset: _DistillationImages, samples: range, batch_size: int, workers: int, device: torch.device):
+def _batches(
+    dataset: _DistillationImages, samples: range, batch_size: int, workers: int, device: torch.device
+) -> Iterator[Views]:
+    """ImageNet-normalised float batches of (backbone view, PDN view) on ``device``."""
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -346,10 +353,9 @@ def _split(paths: list[Path], validation_images: int, seed: int) -> tuple[list[P
 
 @torch.no_grad()
 def _target_statistics(
-    target: DistillationTarget, batches, count: int, autocast: Callable[[], Any], progress: bool
+    target: DistillationTarget, batches: Iterable[Views], count: int, autocast: Callable[[], Any], progress: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from tqdm import tqdm
-
+    """Per-channel mean and std of the target, shaped (1, C, 1, 1) for broadcasting."""
     total = total_squares = None
     values = 0
     with tqdm(total=count, desc="Target statistics", unit="img", disable=not progress) as bar:
@@ -370,7 +376,14 @@ def _target_statistics(
 
 
 @torch.no_grad()
-def _validation_loss(teacher, target, batches, mean, std, autocast) -> float:
+def _validation_loss(
+    teacher: nn.Module,
+    target: DistillationTarget,
+    batches: Iterable[Views],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    autocast: Callable[[], Any],
+) -> float:
     total, count = 0.0, 0
     for backbone_view, pdn_view in batches:
         with autocast():
@@ -481,7 +494,8 @@ def pretrain_teacher(
         try:
             checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
         except Exception as error:  # torch.load raises many types for foreign or corrupt files
-            raise EfficientADError(f"could not read checkpoint {checkpoint_file}: {str(error).splitlines()[0]}") from None
+            detail = str(error).splitlines()[0]
+            raise EfficientADError(f"could not read checkpoint {checkpoint_file}: {detail}") from None
         _check(
             isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT,
             f"not a pretraining checkpoint: {checkpoint_file}",
@@ -493,21 +507,22 @@ def pretrain_teacher(
             )
 
     training_paths, validation_paths = _split(list_images(images, recursive=True), validation_images, seed)
+    # Seeded before the target so that a randomly initialised backbone is reproducible too.
+    torch.manual_seed(seed)
     target = DistillationTarget(backbone, backbone_weights).to(torch_device)
     grid = pdn_output_side(model_size, image_size, padding=True)
     _check(grid == image_size // 4, f"image_size {image_size} gives a {grid}x{grid} PDN output, not {image_size // 4}")
     sides = (2 * image_size, image_size)
 
-    def autocast():
+    def autocast() -> torch.autocast:
         return torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    def stream(samples: range, kind: int) -> Any:
+    def stream(samples: range, kind: int) -> Iterator[Views]:
         dataset = _DistillationImages(training_paths, sides, seed, kind, augment=True, grayscale=grayscale)
         return _batches(dataset, samples, batch_size, workers, torch_device)
 
     validation = _DistillationImages(validation_paths, sides, seed, _SPLIT_STREAM, augment=False, grayscale=0.0)
 
-    torch.manual_seed(seed)
     teacher = pdn(model_size, TEACHER_CHANNELS, padding=True).to(torch_device)
     optimizer = torch.optim.Adam(teacher.parameters(), lr=lr, weight_decay=weight_decay)
     if checkpoint is not None:
@@ -542,8 +557,6 @@ def pretrain_teacher(
         loss = _validation_loss(teacher, target, batches, mean, std, autocast)
         losses["validation"].append([step, loss])
         return loss
-
-    from tqdm import tqdm
 
     step, stopped_by = start_step, "steps"
     interval_loss, interval_steps = 0.0, 0
@@ -586,7 +599,8 @@ def pretrain_teacher(
             "backbone": backbone,
             "steps": step,
             "validation_loss": validation_loss,
-            "versions": versions(),
+            # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses.
+            "versions": {name: str(version) for name, version in versions().items()},
         },
         out,
     )

@@ -9,9 +9,10 @@ One step, as the paper writes it::
     L       = L_hard + L_pen + L_AE + L_STAE,  Adam(lr 1e-4, weight decay 1e-5), lr x0.1 at 95%
 
 Work the method does not need is skipped, without changing what is computed: the frozen teacher's
-features of the clean training images are computed once and reused every step, and the student
-runs once per step on the clean, augmented and penalty images together (it has no batch-norm, so
-this equals separate calls).
+features of the clean training images are computed once and reused every step, the student's
+trunk runs once per step on the clean, augmented and penalty images together (it has no batch-norm,
+so this equals separate calls), and its last convolution computes only the half of the output
+channels that each loss reads.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from tqdm import tqdm
 
@@ -260,21 +262,28 @@ def training_step(
         else:
             teacher_clean = cached_features[index.to(cached_features.device)]
             teacher_augmented = model.teacher_features(x_augmented).float()
-    student_inputs = [x_clean, x_augmented]
-    if penalty_images is not None:
-        student_inputs.append(model.normalize_input(penalty_image(penalty_images, generator)))
+    penalty = [] if penalty_images is None else [model.normalize_input(penalty_image(penalty_images, generator))]
+    first_half_inputs = torch.cat([x_clean, *penalty])
     with autocast(device, config.precision):
-        student = model.student(torch.cat(student_inputs)).float()
+        # One trunk pass for all images; the last conv computes only the channel half each loss reads.
+        trunk = model.student[:-1](torch.cat([first_half_inputs, x_augmented]))
+        head = model.student[-1]
+        first_half = _conv_channels(head, trunk[: len(first_half_inputs)], slice(0, TEACHER_CHANNELS)).float()
+        student_augmented = _conv_channels(head, trunk[len(first_half_inputs) :], slice(TEACHER_CHANNELS, None)).float()
         reconstruction = model.autoencoder(x_augmented).float()
-    student_clean = student[:batch, :TEACHER_CHANNELS]
-    student_augmented = student[batch : 2 * batch, TEACHER_CHANNELS:]
+    student_clean, student_penalty = first_half[:batch], first_half[batch:]
 
     loss_hard = hard_feature_loss((teacher_clean - student_clean).pow(2), config.hard_loss_quantile)
-    loss_penalty = student[2 * batch :, :TEACHER_CHANNELS].pow(2).mean() if penalty_images is not None else torch.zeros((), device=device)
+    loss_penalty = student_penalty.pow(2).mean() if penalty else torch.zeros((), device=device)
     loss_ae = (teacher_augmented - reconstruction).pow(2).mean()
     loss_stae = (reconstruction - student_augmented).pow(2).mean()
     total = loss_hard + loss_penalty + loss_ae + loss_stae
     return {"total": total, "hard": loss_hard, "penalty": loss_penalty, "ae": loss_ae, "stae": loss_stae}
+
+
+def _conv_channels(conv: torch.nn.Conv2d, x: torch.Tensor, channels: slice) -> torch.Tensor:
+    """``conv(x)[:, channels]`` without computing the other output channels."""
+    return F.conv2d(x, conv.weight[channels], conv.bias[channels], conv.stride, conv.padding)
 
 
 @torch.no_grad()

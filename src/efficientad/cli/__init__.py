@@ -13,7 +13,7 @@ import sys
 from .. import __version__
 from ..errors import EfficientADError
 
-COMMANDS = ("demo", "train", "predict", "pretrain")
+COMMANDS = ("demo", "train", "predict", "pretrain", "eval", "serve", "benchmark", "export", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

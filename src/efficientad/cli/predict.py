@@ -7,34 +7,54 @@ import csv
 import sys
 from pathlib import Path
 
+THRESHOLD_HELP = (
+    "decision threshold on the image score (default: the model's own, the score that 1%% of its held-out "
+    "good validation images exceed, or the --false-positive-rate chosen at training)"
+)
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "predict",
         help="score images or folders with a trained model",
         description="Score images with a model file. Writes DIR/scores.csv (path, score, is_anomalous, "
-        "local and global scores), DIR/overlays/*.png (heat maps over the images) and DIR/predict.json. "
-        "Unreadable files are reported and skipped; the exit code is then 1.",
+        "local and global scores, overlay file), DIR/overlays/*.png (heat maps over the images) and "
+        "DIR/predict.json. Unreadable files and empty folders are reported and skipped; the exit code is then 1.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders (searched recursively)")
     parser.add_argument("--model", required=True, help="model file written by `efficientad train`")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the model's own)")
+    parser.add_argument("--threshold", type=float, default=None, help=THRESHOLD_HELP)
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--no-overlays", action="store_true", help="write scores only")
     parser.set_defaults(handler=run)
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    from ..data import list_images
+def expand_inputs(inputs: list[str], exclude: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
+    """(image, overlay name) pairs for every input, and (input, error) for folders without images.
 
-    paths: list[Path] = []
+    Overlays mirror each image's path below the folder it was found in, so ``test/crack/000.png`` and
+    ``test/good/000.png`` stay apart; the output folder itself is never searched (re-runs).
+    """
+    from ..data import list_images
+    from ..errors import EfficientADError
+
+    exclude = exclude.resolve()
+    found, failures = [], []
     for item in inputs:
         path = Path(item)
-        paths.extend(list_images(path, recursive=True) if path.is_dir() else [path])
-    return paths
+        if not path.is_dir():
+            found.append((path, Path(path.stem)))
+            continue
+        try:
+            images = [p for p in list_images(path, recursive=True) if exclude not in p.resolve().parents]
+        except EfficientADError as error:
+            failures.append((item, str(error)))
+            continue
+        found.extend((image, Path(path.name) / image.relative_to(path).with_suffix("")) for image in images)
+    return found, failures
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,49 +71,59 @@ def run(args: argparse.Namespace) -> int:
     detector = EfficientAD.load(args.model, device=args.device)
     if args.threshold is not None:
         detector.threshold = args.threshold
-    paths = expand_inputs(args.inputs)
     out = Path(args.out)
-    overlay_dir = out / "overlays"
-    overlay_dir.mkdir(parents=True, exist_ok=True)
+    items, failures = expand_inputs(args.inputs, out)
+    for item, error in failures:
+        print(f"skipped: {error}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
     vmax = display_range(detector.threshold)
 
-    rows, failures, used_names = [], [], set()
-    with tqdm(total=len(paths), desc="Predicting", unit="img") as bar:
-        for start in range(0, len(paths), args.batch_size):
-            readable = []
-            for path in paths[start : start + args.batch_size]:
-                try:
-                    readable.append((path, read_image(path)))
-                except EfficientADError as error:
-                    failures.append((path, str(error)))
-                    tqdm.write(f"skipped: {error}", file=sys.stderr)
-            predictions = detector.predict([image for _, image in readable], batch_size=args.batch_size) if readable else []
-            for (path, image), prediction in zip(readable, predictions):
-                rows.append((path, prediction))
-                if not args.no_overlays:
-                    name = path.stem
-                    while name in used_names:
-                        name += "_"
-                    used_names.add(name)
-                    overlay(image, prediction.anomaly_map, vmax).save(overlay_dir / f"{name}.png")
-            bar.update(len(paths[start : start + args.batch_size]))
-
-    with open(out / "scores.csv", "w", newline="") as file:
+    n_scored = n_anomalous = 0
+    used_names: set[Path] = set()
+    # Rows are written as they come, so an interrupted run keeps what it scored.
+    with open(out / "scores.csv", "w", newline="") as file, tqdm(total=len(items), desc="Predicting", unit="img") as bar:
         writer = csv.writer(file)
-        writer.writerow(["path", "score", "is_anomalous", "local_score", "global_score"])
-        for path, p in rows:
-            writer.writerow([str(path), f"{p.score:.6f}", "" if p.is_anomalous is None else int(p.is_anomalous), f"{p.local_score:.6f}", f"{p.global_score:.6f}"])
-    anomalous = sum(bool(p.is_anomalous) for _, p in rows)
+        writer.writerow(["path", "score", "is_anomalous", "local_score", "global_score", "overlay"])
+        for start in range(0, len(items), args.batch_size):
+            batch = items[start : start + args.batch_size]
+            readable = []
+            for path, name in batch:
+                try:
+                    readable.append((path, name, read_image(path)))
+                except EfficientADError as error:
+                    failures.append((str(path), str(error)))
+                    tqdm.write(f"skipped: {error}", file=sys.stderr)
+            predictions = detector.predict([image for _, _, image in readable], batch_size=args.batch_size) if readable else []
+            for (path, name, image), p in zip(readable, predictions):
+                overlay_file = ""
+                if not args.no_overlays:
+                    while name in used_names:
+                        name = name.with_name(name.name + "_")
+                    used_names.add(name)
+                    target = out / "overlays" / name.with_suffix(".png")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    overlay(image, p.anomaly_map, vmax).save(target)
+                    overlay_file = str(target.relative_to(out))
+                flag = "" if p.is_anomalous is None else int(p.is_anomalous)
+                writer.writerow([str(path), f"{p.score:.6f}", flag, f"{p.local_score:.6f}", f"{p.global_score:.6f}", overlay_file])
+                n_scored += 1
+                n_anomalous += bool(p.is_anomalous)
+            file.flush()
+            bar.update(len(batch))
+
     write_run_record(
         out / "predict.json",
         {
             "model": str(args.model),
             "threshold": detector.threshold,
-            "n_images": len(rows),
-            "n_anomalous": anomalous,
-            "failed": [{"path": str(path), "error": error} for path, error in failures],
+            "n_images": n_scored,
+            "n_anomalous": n_anomalous,
+            "failed": [{"input": str(item), "error": error} for item, error in failures],
         },
     )
     threshold = "none" if detector.threshold is None else f"{detector.threshold:.4f}"
-    print(f"{len(rows)} images scored, {anomalous} anomalous (threshold {threshold}), {len(failures)} unreadable; wrote {out / 'scores.csv'}")
+    print(
+        f"{n_scored} images scored, {n_anomalous} anomalous (threshold {threshold}), "
+        f"{len(failures)} skipped; wrote {out / 'scores.csv'}"
+    )
     return 1 if failures else 0

@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--validation-images", type=int, default=32, metavar="N", help="images held out, at most")
     parser.add_argument("--validate-every", type=int, default=1000, metavar="N", help="steps between validations")
     parser.add_argument(
-        "--checkpoint-every", type=int, default=1000, metavar="N", help="steps between checkpoints to OUT.ckpt (0: none)"
+        "--checkpoint-every", type=int, default=1000, metavar="N", help="steps between saves of OUT.ckpt (0: none)"
     )
     parser.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     parser.add_argument(
@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--bf16", action="store_true", help="run forward passes under bfloat16 autocast")
-    parser.add_argument("--workers", type=int, default=None, help="data loading processes (default: CPUs - 1, at most 8)")
+    parser.add_argument("--workers", type=int, default=None, help="image loading processes (default: CPUs-1, max 8)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run)
 

@@ -1,0 +1,47 @@
+"""``efficientad export``: write a trained model as ONNX, TorchScript or OpenVINO IR for deployment."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a trained model to ONNX, TorchScript or OpenVINO",
+        description="Export the whole inference path (normalisation, networks, maps, resize, score) of a model "
+        "file. The exported file embeds the image size, input dtype and threshold; load it with "
+        "efficientad.inferencer.Inferencer. Input: 'images' (N, 3, H, W) RGB; outputs: score (N,), anomaly_map, "
+        "local_map, global_map (N, 1, H, W).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="model file written by `efficientad train`")
+    parser.add_argument("--format", required=True, metavar="onnx|torchscript|openvino", help="export format")
+    parser.add_argument("--out", required=True, help="output file (OpenVINO: NAME.xml, with NAME.bin beside it)")
+    parser.add_argument("--threshold", type=float, default=None, help="decision threshold to embed (default: the model's own)")
+    parser.add_argument(
+        "--input-dtype",
+        choices=("float32", "uint8"),
+        default="float32",
+        help="float32 takes images in [0, 1]; uint8 takes raw bytes and folds the /255 into the graph",
+    )
+    parser.add_argument("--output-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="size of the maps (default: the model's image size)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import EfficientADError
+    from ..export import EXPORT_FORMATS, export_model
+
+    if args.format not in EXPORT_FORMATS:
+        raise EfficientADError(f"unknown export format {args.format!r} (expected one of: {', '.join(EXPORT_FORMATS)})")
+    path = export_model(
+        args.model,
+        args.format,
+        args.out,
+        threshold=args.threshold,
+        output_size=None if args.output_size is None else tuple(args.output_size),
+        input_dtype=args.input_dtype,
+    )
+    print(f"wrote {path}")
+    return 0

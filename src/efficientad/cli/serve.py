@@ -1,0 +1,90 @@
+"""``efficientad serve``: an HTTP server (JSON API and a web page) around one trained model."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# The library's defaults (efficientad.serve), repeated so that `efficientad --help` need not import
+# torch and FastAPI; a test keeps the two equal.
+DEFAULT_MAX_UPLOAD_MB = 20.0
+DEFAULT_MAX_MEGAPIXELS = 40.0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model over HTTP: JSON API, heat maps and a drag-and-drop page",
+        description="Serve a model file over HTTP. POST /predict takes an image (multipart field 'file', "
+        "or the raw body) and answers JSON {score, is_anomalous, threshold, local_score, global_score, "
+        "latency_ms, width, height}; POST /predict?heatmap=png answers the heat-map overlay as a PNG with "
+        "the scores in X-* headers. GET /health, GET /model (config, threshold, training record), "
+        "GET / (a page to drop images on), GET /docs (the OpenAPI documentation). "
+        "An image is anomalous when its score is above the decision threshold. By default that is the "
+        "threshold stored in the model file: the (1 - FPR) quantile of the scores of the good images held "
+        "out during training, FPR being the training's --false-positive-rate (1% unless set otherwise), so "
+        "about that fraction of good images is flagged. --threshold overrides it; scores are on a scale "
+        "where 0 is typical of good images and 0.1 is their rare extreme.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="model file written by `efficientad train`")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="decision threshold: scores above it are anomalous; None: the model file's (see above)",
+    )
+    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="larger uploads get 413")
+    parser.add_argument(
+        "--max-megapixels",
+        type=float,
+        default=DEFAULT_MAX_MEGAPIXELS,
+        help="images with more pixels get 413 (checked from the header: decompression bombs are not decoded)",
+    )
+    parser.add_argument(
+        "--max-pending",
+        type=int,
+        default=64,
+        help="connections and requests in progress at once; more get 503 (bounds memory to about this x the upload limit)",
+    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="server log level")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..errors import EfficientADError
+    from ..serve import create_app
+
+    if not 0 <= args.port <= 65535:
+        raise EfficientADError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_pending < 1:
+        raise EfficientADError(f"--max-pending must be >= 1, got {args.max_pending}")
+    app = create_app(
+        args.model,
+        device=args.device,
+        threshold=args.threshold,
+        max_upload_mb=args.max_upload_mb,
+        max_megapixels=args.max_megapixels,
+    )
+    threshold = app.state.threshold
+    shown = "none (no verdicts)" if threshold is None else f"{threshold:.4f}"
+    print(f"efficientad serve: {args.model}, threshold {shown}; page http://{args.host}:{args.port}/, API docs /docs", flush=True)
+    if not _is_loopback(args.host):
+        print("NOTE: listening beyond this machine; the server has no authentication, put it behind one", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_pending)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

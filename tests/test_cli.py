@@ -1,0 +1,137 @@
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from efficientad.cli import main
+from efficientad.synthetic import make_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_dataset(root, "part", n_train=8, n_test_good=2, n_test_defect=2, size=256)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["train", "--data", str(dataset), "--category", "part", "--teacher", "random", "--steps", "2", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for command in ("train", "predict", "demo"):
+        assert command in text
+
+
+def test_train_writes_model_and_record(trained):
+    assert (trained / "model.pt").is_file()
+    record = json.loads((trained / "train.json").read_text())
+    assert record["config"]["steps"] == 2 and record["config"]["model_size"] == "s"
+    assert record["teacher_source"] == "random"
+    assert record["n_train_images"] + record["n_validation_images"] == 8
+    assert record["training"]["seconds_per_step"] > 0
+    assert set(record["training"]["final_losses"]) == {"total", "hard", "penalty", "ae", "stae"}
+    assert "torch" in record["versions"]
+
+
+def test_predict_writes_scores_and_overlays(trained, dataset, tmp_path, capsys):
+    out = tmp_path / "pred"
+    code = main(["predict", "--model", str(trained / "model.pt"), str(dataset / "part" / "test"), "--out", str(out)])
+    assert code == 0
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert len(rows) == 4
+    assert {"path", "score", "is_anomalous", "local_score", "global_score"} <= set(rows[0])
+    overlays = sorted((out / "overlays").rglob("*.png"))
+    assert len(overlays) == 4
+    assert sorted(str(out / r["overlay"]) for r in rows) == [str(p) for p in overlays]
+    assert "4 images scored" in capsys.readouterr().out
+
+
+def test_predict_skips_empty_folders_and_its_own_output(trained, dataset, tmp_path):
+    (tmp_path / "empty").mkdir()
+    first = tmp_path / "inputs"
+    (first / "x").mkdir(parents=True)
+    good = next((dataset / "part" / "test" / "good").glob("*.png"))
+    Image.open(good).save(first / "x" / "a.png")
+    out = first / "results"
+    assert main(["predict", "--model", str(trained / "model.pt"), str(first), "--out", str(out)]) == 0
+    # A re-run into the same output below the input folder must not score the previous overlays.
+    code = main(["predict", "--model", str(trained / "model.pt"), str(first), str(tmp_path / "empty"), "--out", str(out)])
+    assert code == 1
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert [Path(r["path"]).name for r in rows] == ["a.png"]
+
+
+def test_predict_skips_unreadable_files_and_fails_at_the_end(trained, dataset, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = next((dataset / "part" / "test" / "good").glob("*.png"))
+    Image.open(good).save(folder / "ok.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    code = main(["predict", "--model", str(trained / "model.pt"), str(folder), "--out", str(tmp_path / "o")])
+    assert code == 1
+    rows = list(csv.DictReader(open(tmp_path / "o" / "scores.csv")))
+    assert [Path(r["path"]).name for r in rows] == ["ok.png"]
+    err = capsys.readouterr().err
+    assert "broken.png" in err
+
+
+def test_threshold_override(trained, dataset, tmp_path):
+    out = tmp_path / "t"
+    main(["predict", "--model", str(trained / "model.pt"), str(dataset / "part" / "test"), "--out", str(out), "--threshold=-1e9", "--no-overlays"])
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert all(r["is_anomalous"] == "1" for r in rows)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--data", "/nonexistent", "--category", "x", "--out", "o", "--teacher", "random"], "not found"),
+        (["train", "--data", ".", "--category", "x", "--out", "o", "--teacher", "/no/teacher.pth"], "not found"),
+        (["predict", "--model", "/no/model.pt", "x.png", "--out", "o"], "model file not found"),
+    ],
+)
+def test_bad_input_is_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_failed_training_leaves_no_model_file(dataset, tmp_path, capsys):
+    (tmp_path / "teacher.pth").write_bytes(b"junk")
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(dataset), "--category", "part", "--teacher", str(tmp_path / "teacher.pth"), "--steps", "1", "--out", str(out)])
+    assert code == 2
+    assert not (out / "model.pt").exists()
+
+
+def test_wrong_image_size_is_refused(dataset, capsys):
+    code = main(["train", "--data", str(dataset), "--category", "part", "--teacher", "random", "--image-size", "128", "--out", "o"])
+    assert code == 2
+    assert "at least 256" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--teacher", "random", "--precision", "fp32"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "image AUROC" in out
+    record = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert 0.0 <= record["metrics"]["image_auroc"] <= 1.0
+    assert len(list((tmp_path / "demo" / "overlays").glob("*.png"))) == record["n_test"]

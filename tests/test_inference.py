@@ -1,0 +1,161 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from efficientad.cli import main
+from efficientad.errors import EfficientADError
+from efficientad.export import export_model
+from efficientad.inference import InferenceModel, OnnxRuntimeSession, TorchSession
+from efficientad.inferencer import Inferencer
+from efficientad.model import EfficientADModel, save_model, to_image_grid
+
+try:
+    import openvino  # noqa: F401
+
+    HAVE_OPENVINO = True
+except ImportError:
+    HAVE_OPENVINO = False
+
+THRESHOLD = 0.05
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """A random-weight model with constants measured like training does, so that maps are O(0.1)."""
+    torch.manual_seed(0)
+    model = EfficientADModel("s").eval()
+    # Whole byte values, so that the same images given as uint8 arrays give the same results.
+    images = torch.randint(0, 256, (2, 3, 256, 256)).float() / 255
+    with torch.no_grad():
+        features = model.teacher(model.normalize_input(images))
+        model.teacher_mean.copy_(features.mean(dim=(0, 2, 3), keepdim=True))
+        model.teacher_std.copy_(features.std(dim=(0, 2, 3), keepdim=True))
+        local, global_ = model.raw_maps(images)
+        model.map_quantiles.copy_(torch.stack([local.min() / 2, local.max(), global_.min() / 2, global_.max()]))
+        reference = [to_image_grid(m, (256, 256)) for m in model(images)]
+    return model, images, reference
+
+
+@pytest.fixture(scope="module")
+def exported(calibrated, tmp_path_factory):
+    model, _, _ = calibrated
+    folder = tmp_path_factory.mktemp("export")
+    native = save_model(model, folder / "model.pt", {"threshold": THRESHOLD})
+    paths = {"native": native}
+    for format, name in (("onnx", "model.onnx"), ("torchscript", "model.ts"), ("openvino", "model.xml")):
+        if format != "openvino" or HAVE_OPENVINO:
+            paths[format] = export_model(native, format, folder / name)
+    return paths
+
+
+def _assert_outputs_close(outputs, reference, atol=1e-5):
+    combined, local, global_ = reference
+    np.testing.assert_allclose(np.asarray(outputs[0]), combined.amax(dim=(1, 2, 3)).numpy(), atol=atol, rtol=0)
+    for got, want in zip(outputs[1:], reference):
+        np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=atol, rtol=0)
+
+
+def test_fused_module_equals_training_path(calibrated):
+    model, images, reference = calibrated
+    with torch.no_grad():
+        outputs = InferenceModel(model)(images)
+    assert outputs[0].shape == (2,) and outputs[1].shape == (2, 1, 256, 256)
+    _assert_outputs_close([t.numpy() for t in outputs], reference)
+
+
+def test_uint8_input_folds_the_division(calibrated):
+    model, images, _ = calibrated
+    raw = (images * 255).round().to(torch.uint8)
+    with torch.no_grad():
+        from_bytes = InferenceModel(model, input_dtype="uint8")(raw)
+        from_floats = InferenceModel(model)(raw.float() / 255)
+    for a, b in zip(from_bytes, from_floats):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_output_size_and_channels_last_session(calibrated):
+    model, images, _ = calibrated
+    session = TorchSession(InferenceModel(model, output_size=(100, 120)), channels_last=True, threads=2)
+    output = session.run(images.numpy())
+    assert output.anomaly_map.shape == (2, 1, 100, 120)
+    with torch.no_grad():
+        want = to_image_grid(model(images)[0], (100, 120))
+    np.testing.assert_allclose(output.anomaly_map, want.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 on this CPU")
+def test_bf16_session_stays_close(calibrated):
+    model, images, reference = calibrated
+    output = TorchSession(InferenceModel(model), precision="bf16", threads=2).run(images)
+    assert output.anomaly_map.dtype == np.float32
+    _assert_outputs_close(output, reference, atol=0.02)
+
+
+def test_uncalibrated_model_and_bad_precision_raise(calibrated):
+    with pytest.raises(EfficientADError, match="quantiles"):
+        InferenceModel(EfficientADModel("s"))
+    with pytest.raises(EfficientADError, match="fp16 needs"):
+        TorchSession(InferenceModel(calibrated[0]), precision="fp16")
+
+
+def test_onnx_and_torchscript_equal_eager(calibrated, exported):
+    _, images, reference = calibrated
+    _assert_outputs_close(OnnxRuntimeSession(exported["onnx"], threads=2).run(images.numpy()), reference)
+    _assert_outputs_close(TorchSession(torch.jit.load(str(exported["torchscript"])), threads=2).run(images), reference)
+
+
+@pytest.mark.parametrize("format", ["native", "onnx", "torchscript", "openvino"])
+def test_inferencer_loads_each_format(format, calibrated, exported, tmp_path):
+    if format == "openvino" and not HAVE_OPENVINO:
+        pytest.skip("OpenVINO is not installed (pip install 'efficientad[openvino]')")
+    _, images, reference = calibrated
+    inferencer = Inferencer.load(exported[format])
+    assert inferencer.threshold == THRESHOLD and inferencer.image_size == (256, 256)
+    _assert_outputs_close(inferencer.run(images.numpy()), reference)
+
+    picture = (images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    path = tmp_path / "image.png"
+    Image.fromarray(picture).resize((300, 280)).save(path)
+    (prediction,) = inferencer.predict(path)
+    assert prediction.anomaly_map.shape == (280, 300)
+    assert prediction.is_anomalous == (prediction.score > THRESHOLD)
+    np.testing.assert_allclose(inferencer.predict(picture)[0].score, float(reference[0][0].max()), atol=1e-5)
+
+
+def test_exported_metadata(exported):
+    import onnx
+
+    proto = onnx.load(str(exported["onnx"]))
+    metadata = json.loads({p.key: p.value for p in proto.metadata_props}["efficientad"])
+    assert metadata["image_size"] == [256, 256]
+    assert metadata["threshold"] == THRESHOLD
+    assert metadata["output_names"] == ["score", "anomaly_map", "local_map", "global_map"]
+
+
+def test_inferencer_rejects_other_files(tmp_path):
+    with pytest.raises(EfficientADError, match="not found"):
+        Inferencer.load(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(EfficientADError, match="cannot load"):
+        Inferencer.load(junk)
+
+
+def test_export_cli_errors(exported, tmp_path, capsys):
+    assert main(["export", "--model", str(tmp_path / "missing.pt"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    assert main(["export", "--model", str(exported["native"]), "--format", "tflite", "--out", str(tmp_path / "m")]) == 2
+    assert "unknown export format" in capsys.readouterr().err
+
+
+def test_bench_cli_runs(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--runs", "2", "--warmup", "1", "--batch-size", "1", "--threads", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["latency_batch1"]["runs"] == 2
+    assert result["backend"] == "torch" and result["precision"] == "fp32"
+    assert {"cpu", "threads", "versions"} <= set(result["system"])
+    assert "batch 1 median" in capsys.readouterr().out
