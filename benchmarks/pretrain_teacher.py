@@ -104,7 +104,7 @@ def main() -> None:
         "category": args.category,
         "train_steps": args.train_steps,
         "results": results,
-        "versions": {name: str(version) for name, version in versions().items()},
+        "versions": versions(),
     }
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     for name, result in results.items():

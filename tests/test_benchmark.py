@@ -193,3 +193,12 @@ def test_markdown_without_published_numbers():
 
 def test_format_duration():
     assert [format_duration(s) for s in (4.4, 300, 3 * 3600 + 5 * 60)] == ["4 s", "5 min", "3 h 05 min"]
+
+
+def test_heartbeat_shows_the_latest_progress_bar_state(tmp_path):
+    from efficientad.benchmark import _latest_status
+
+    log = tmp_path / "log.txt"
+    log.write_text("Loading: 100%\nTraining:  10%| 7/70\rTraining:  20%| 14/70\r")
+    assert _latest_status(log) == "Training:  20%| 14/70"
+    assert _latest_status(tmp_path / "missing.txt") == ""

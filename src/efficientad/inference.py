@@ -8,16 +8,18 @@
   cannot go into the biases because the autoencoder's first convolution pads with zeros, and zero
   must keep meaning "the mean colour" there;
 - the teacher's output normalisation (mean/std per channel) folded into its last convolution;
-- teacher minus student: the teacher's last convolution and the first half of the student's run as
-  one convolution over both inputs, which yields the difference without materialising either;
+- teacher minus student: the teacher's last convolution and the first half of the student's last
+  convolution run as one convolution over both inputs, which yields the difference directly (in
+  bf16 it is then rounded relative to the difference, not to the larger features);
 - the map quantiles become one scale and offset per map.
 
 Running the teacher's and student's identically shaped layers as single convolutions (concatenated
 outputs for the first, two groups after it) was tried and dropped: on an AVX-512 CPU with oneDNN it
 was 3-7% slower than the separate convolutions, in fp32 and bf16.
 
-:class:`TorchSession` runs it on a device with a precision (fp32, bf16 autocast, fp16 on CUDA),
-optionally channels-last, ``torch.compile`` or CUDA graphs. Nothing here imports the training code.
+:class:`TorchSession` runs it on a device with a precision (fp32, bf16, fp16 on CUDA), channels-last,
+optionally with ``torch.compile`` or CUDA graphs; :class:`OnnxRuntimeSession` and
+:class:`OpenVinoSession` run its exports. Nothing here imports the training code.
 """
 
 from __future__ import annotations

@@ -126,6 +126,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     os.close(handle)
     try:
         torch.save(obj, temporary)
+        # mkstemp creates owner-only files; give the result the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -599,8 +599,7 @@ def pretrain_teacher(
             "backbone": backbone,
             "steps": step,
             "validation_loss": validation_loss,
-            # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses.
-            "versions": {name: str(version) for name, version in versions().items()},
+            "versions": versions(),
         },
         out,
     )

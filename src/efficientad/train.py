@@ -22,6 +22,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,8 @@ class TrainConfig:
     precision: str = "fp32"
     seed: int = 0
     cache_teacher: bool | None = None  # None: when the features fit TEACHER_CACHE_LIMIT_BYTES
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the student trunk and the autoencoder
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -157,6 +160,14 @@ def teacher_cache_bytes(model: EfficientADModel, n_images: int) -> int:
     return n_images * TEACHER_CHANNELS * height * width * 4
 
 
+class StepNetworks(NamedTuple):
+    """The student split into trunk and last conv, and the autoencoder: what a step runs (maybe compiled)."""
+
+    trunk: torch.nn.Module
+    head: torch.nn.Conv2d
+    autoencoder: torch.nn.Module
+
+
 def make_optimizer(model: EfficientADModel, config: TrainConfig):
     """Adam over student and autoencoder; the learning rate drops tenfold after 95% of the steps."""
     parameters = list(model.student.parameters()) + list(model.autoencoder.parameters())
@@ -198,6 +209,11 @@ def train_networks(
     optimizer, scheduler = make_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     model.train()
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    networks = StepNetworks(model.student[:-1], model.student[-1], model.autoencoder)
+    if config.compile:
+        networks = StepNetworks(torch.compile(networks.trunk), networks.head, torch.compile(networks.autoencoder))
 
     order = torch.randperm(len(images), generator=generator)
     cursor = 0
@@ -213,7 +229,7 @@ def train_networks(
             cursor = 0
         index = order[cursor : cursor + config.batch_size]
         cursor += config.batch_size
-        losses = training_step(model, images, index, cached_features, penalty_images, generator, config)
+        losses = training_step(model, images, index, cached_features, penalty_images, generator, config, networks)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["total"]).backward()
         scaler.step(optimizer)
@@ -228,7 +244,7 @@ def train_networks(
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    model.eval()
+    model.to(memory_format=torch.contiguous_format).eval()
     return {
         "final_losses": last,
         "train_seconds": seconds,
@@ -247,11 +263,15 @@ def training_step(
     penalty_images: torch.Tensor | None,
     generator: torch.Generator,
     config: TrainConfig,
+    networks: StepNetworks | None = None,
 ) -> dict[str, torch.Tensor]:
     """The losses of one step (not yet back-propagated)."""
+    if networks is None:
+        networks = StepNetworks(model.student[:-1], model.student[-1], model.autoencoder)
     device = images.device
-    clean = to_float(images[index.to(device)])
-    augmented = augment_for_autoencoder(clean, generator)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    clean = to_float(images[index.to(device)]).contiguous(memory_format=memory_format)
+    augmented = augment_for_autoencoder(clean, generator).contiguous(memory_format=memory_format)
     x_clean = model.normalize_input(clean)
     x_augmented = model.normalize_input(augmented)
     batch = len(index)
@@ -262,15 +282,16 @@ def training_step(
         else:
             teacher_clean = cached_features[index.to(cached_features.device)]
             teacher_augmented = model.teacher_features(x_augmented).float()
-    penalty = [] if penalty_images is None else [model.normalize_input(penalty_image(penalty_images, generator))]
+    penalty = []
+    if penalty_images is not None:
+        penalty = [model.normalize_input(penalty_image(penalty_images, generator)).contiguous(memory_format=memory_format)]
     first_half_inputs = torch.cat([x_clean, *penalty])
     with autocast(device, config.precision):
         # One trunk pass for all images; the last conv computes only the channel half each loss reads.
-        trunk = model.student[:-1](torch.cat([first_half_inputs, x_augmented]))
-        head = model.student[-1]
-        first_half = _conv_channels(head, trunk[: len(first_half_inputs)], slice(0, TEACHER_CHANNELS)).float()
-        student_augmented = _conv_channels(head, trunk[len(first_half_inputs) :], slice(TEACHER_CHANNELS, None)).float()
-        reconstruction = model.autoencoder(x_augmented).float()
+        trunk = networks.trunk(torch.cat([first_half_inputs, x_augmented]))
+        first_half = _conv_channels(networks.head, trunk[: len(first_half_inputs)], slice(0, TEACHER_CHANNELS)).float()
+        student_augmented = _conv_channels(networks.head, trunk[len(first_half_inputs) :], slice(TEACHER_CHANNELS, None)).float()
+        reconstruction = networks.autoencoder(x_augmented).float()
     student_clean, student_penalty = first_half[:batch], first_half[batch:]
 
     loss_hard = hard_feature_loss((teacher_clean - student_clean).pow(2), config.hard_loss_quantile)

@@ -32,7 +32,7 @@ def register(subparsers) -> None:
         "--categories",
         default=None,
         metavar="A,B,...",
-        help="comma-separated categories (default: every category of the collection found under --root)",
+        help="comma-separated categories; none given: every category of the collection found under --root",
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--force", action="store_true", help="retrain categories that finished earlier")

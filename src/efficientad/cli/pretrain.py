@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model-size", default="s", choices=["s", "m"], help="PDN size of the teacher")
     parser.add_argument("--steps", type=int, default=60_000, help="optimisation steps")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per step")
     parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     parser.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay")
     parser.add_argument("--grayscale", type=float, default=0.1, metavar="P", help="probability of a grayscale sample")
@@ -48,10 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--time-budget", type=float, default=None, metavar="SECONDS", help="stop after this wall-clock time"
     )
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=42, help="seed for the split, sampling, augmentation and init")
+    parser.add_argument("--device", default=None, help="cpu or cuda; None: cuda when available")
     parser.add_argument("--bf16", action="store_true", help="run forward passes under bfloat16 autocast")
-    parser.add_argument("--workers", type=int, default=None, help="image loading processes (default: CPUs-1, max 8)")
+    parser.add_argument("--workers", type=int, default=None, help="image loading processes; None: CPUs-1, max 8")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run)
 
