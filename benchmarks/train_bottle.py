@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from efficientad.datasets import load_split
     from efficientad.detector import EfficientAD
     from efficientad.metrics import image_auroc
-    from efficientad.model import versions
+    from efficientad.runlog import write_run_record
 
     if not Path(args.data, "bottle").is_dir():
         print(f"skipped: {Path(args.data, 'bottle')} not found (needs ../shared beside the repo)")
@@ -65,15 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         "final_losses": detector.metadata_["training"]["final_losses"],
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
-        "versions": versions(),
     }
     if args.save_model:
         detector.save(args.save_model)
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+        write_run_record(args.json, result)  # adds the command line and package versions
     return 0
 
 

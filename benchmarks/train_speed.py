@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from efficientad.model import versions
+    from efficientad.runlog import write_run_record
 
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     train, penalty, source = load_images(n_train=32, n_penalty=32)
     result = {"benchmark": "train_speed", "model_size": "s", "batch_size": 1, "penalty": True, "data": source,
               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-              "versions": versions(), "ours": {}}
+              "ours": {}}
     for variant in variants:
         result["ours"][variant] = time_ours(variant, train, penalty, args.steps, args.warmup)
         print(f"{variant}: {result['ours'][variant]['median_step_seconds']:.3f} s/step", flush=True)
@@ -120,16 +120,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ImportError("--no-peer")
         result["anomalib"] = time_anomalib(train, penalty, args.steps, args.warmup)
         print(f"anomalib: {result['anomalib']['median_step_seconds']:.3f} s/step", flush=True)
-        best = min(v["median_step_seconds"] for v in result["ours"].values())
-        result["best_vs_anomalib"] = best / result["anomalib"]["median_step_seconds"]
+        if result["ours"]:
+            best = min(v["median_step_seconds"] for v in result["ours"].values())
+            result["best_vs_anomalib"] = best / result["anomalib"]["median_step_seconds"]
     except ImportError as error:
         result["anomalib"] = {"skipped": f"anomalib not importable ({error})"}
         print(result["anomalib"]["skipped"])
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+        write_run_record(args.json, result)  # adds the command line and package versions
     return 0
 
 

@@ -51,11 +51,19 @@ def _image_size(value: int | Sequence[int]) -> tuple[int, int]:
     return check_image_size(tuple(value))
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A checked torch device; ``None`` picks CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise EfficientADError(f"device must be cpu or cuda[:N], got {device!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise EfficientADError(f"device must be cpu or cuda[:N], got {device!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise EfficientADError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
-    return device
+    return parsed
 
 
 def load_penalty_images(folder: str | os.PathLike, image_size: tuple[int, int], progress: bool = True) -> torch.Tensor:

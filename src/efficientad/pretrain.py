@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .detector import resolve_device
 from .data import IMAGENET_MEAN, IMAGENET_STD, list_images, read_image, resize_to_tensor
 from .errors import EfficientADError
 from .model import atomic_save, versions
@@ -330,18 +331,6 @@ def _check(condition: bool, message: str) -> None:
         raise EfficientADError(message)
 
 
-def _device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise EfficientADError(f"device must be cpu or cuda[:N], got {device!r}") from None
-    _check(parsed.type in ("cpu", "cuda"), f"device must be cpu or cuda[:N], got {device!r}")
-    _check(parsed.type != "cuda" or torch.cuda.is_available(), "device cuda requested but CUDA is not available")
-    return parsed
-
-
 def _split(paths: list[Path], validation_images: int, seed: int) -> tuple[list[Path], list[Path]]:
     _check(len(paths) >= 2, f"need at least 2 images (one is held out for validation), found {len(paths)}")
     held_out = min(validation_images, max(1, len(paths) // 10))
@@ -460,7 +449,7 @@ def pretrain_teacher(
     _check(time_budget is None or time_budget > 0, f"time_budget must be positive seconds, got {time_budget}")
     _check(workers is None or workers >= 0, f"workers must be >= 0, got {workers}")
     _check(not out.is_dir(), f"out is a directory, expected a file path: {out}")
-    torch_device = _device(device)
+    torch_device = resolve_device(device)
     if workers is None:
         workers = min(8, max(0, (os.cpu_count() or 1) - 1))
     checkpoint_file = checkpoint_path(out)
