@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .detector import resolve_device
+from .backbones import BACKBONES
 from .data import IMAGENET_MEAN, IMAGENET_STD, list_images, read_image, resize_to_tensor
 from .errors import EfficientADError
 from .model import atomic_save, versions
@@ -44,12 +45,6 @@ TEACHER_FORMAT_VERSION = 1
 CHECKPOINT_FORMAT = "efficientad-pretrain-checkpoint"
 
 # Output channels of layer2 and layer3 for each supported torchvision backbone.
-BACKBONES: dict[str, tuple[int, int]] = {
-    "wide_resnet101_2": (512, 1024),
-    "wide_resnet50_2": (512, 1024),
-    "resnet18": (128, 256),
-    "resnet50": (512, 1024),
-}
 # Everything a forward pass up to layer3 touches; layer4 and fc are dropped to save compute.
 BACKBONE_MODULES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
 # The reference reproduction pools every layer's flattened 3x3 patches to this many values.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..pretrain import BACKBONES, pretrain_teacher
+from ..backbones import BACKBONES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``efficientad pretrain`` with parsed arguments; returns the exit code."""
+    from ..pretrain import pretrain_teacher
+
     result = pretrain_teacher(
         args.images,
         args.out,
