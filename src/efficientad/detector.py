@@ -10,7 +10,6 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +18,11 @@ import torch
 
 from .data import ImageInput, list_images, load_images, read_image, resize_to_tensor, split_validation, to_float
 from .errors import EfficientADError
+from .inferencer import Prediction
 from .model import EfficientADModel, load_model, save_model, to_image_grid
 from .networks import PDN_SPECS, check_image_size
 from .teacher import resolve_teacher
 from .train import TrainConfig, autocast, calibrate, train_networks
-
-
-@dataclass
-class Prediction:
-    """One image's result. Maps are float32 arrays at the image's original size.
-
-    ``anomaly_map`` is the combined map; ``local_map`` (teacher vs student: small defects) and
-    ``global_map`` (autoencoder vs student: logical anomalies) say which branch fired. On the
-    normalised scale 0 is typical of normal images and 0.1 is their rare extreme.
-    """
-
-    score: float
-    anomaly_map: np.ndarray
-    local_map: np.ndarray
-    global_map: np.ndarray
-    local_score: float
-    global_score: float
-    is_anomalous: bool | None
 
 
 def _image_size(value: int | Sequence[int]) -> tuple[int, int]:

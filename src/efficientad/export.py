@@ -4,7 +4,7 @@ Each exported file is the whole inference path of :class:`~efficientad.inference
 (normalisation, three networks, maps, resize, score) and carries, as embedded JSON, what a runtime
 needs besides the graph: image size, input dtype, threshold, output names and the training metadata.
 ONNX keeps it in ``metadata_props``, TorchScript in an extra file of its archive, OpenVINO in the
-model's ``rt_info``; :func:`read_metadata` reads any of them.
+model's ``rt_info``; :class:`~efficientad.inferencer.Inferencer` reads any of them.
 """
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ def openvino_model(module_or_onnx: InferenceModel | bytes, metadata: dict[str, A
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "model.onnx"
         source.write_bytes(content)
-        converted = ov.convert_model(str(source))
+        # Core.read_model rather than openvino.convert_model: the same ONNX front end, without the
+        # telemetry process that convert_model forks (which crashes when forked from a threaded process).
+        converted = ov.Core().read_model(str(source))
     if metadata is not None:
         converted.set_rt_info(json.dumps(metadata), METADATA_KEY)
     return converted

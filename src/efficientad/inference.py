@@ -168,8 +168,8 @@ class InferenceModel(nn.Module):
         self.register_buffer("map_offset", offsets.float().view(1, 2, 1, 1))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        # The networks' dtype, so that a module converted to bf16/fp16 wholesale runs without autocast.
-        x = (images.float() - self.input_offset.float()).to(self.autoencoder[0].weight.dtype)
+        # The convolutions' dtype: TorchSession converts only them to bf16/fp16, never the constants.
+        x = (images.float() - self.input_offset).to(self.autoencoder[0].weight.dtype)
         student = self.student_trunk(x)
         local_difference = self.local_head(torch.cat([self.teacher_trunk(x), student], dim=1))
         global_difference = self.autoencoder(x) - self.global_head(student)
@@ -181,7 +181,7 @@ class InferenceModel(nn.Module):
             ],
             dim=1,
         )
-        maps = raw * self.map_gain.float() + self.map_offset.float()
+        maps = raw * self.map_gain + self.map_offset
         maps = torch.cat([maps.mean(dim=1, keepdim=True), maps], dim=1)
         maps = F.pad(maps, (MAP_PADDING,) * 4)
         maps = F.interpolate(maps, size=self.output_size, mode="bilinear", align_corners=False)
@@ -228,7 +228,7 @@ class TorchSession:
     """Runs an :class:`InferenceModel` (or a TorchScript export of one) with PyTorch.
 
     - ``precision``: ``"fp32"``; ``"bf16"`` (oneDNN on CPUs with AVX-512 bf16/AMX, or CUDA) and
-      ``"fp16"`` (CUDA only) convert the convolution weights; maps, squares and means stay float32.
+      ``"fp16"`` (CUDA only) convert the convolutions; constants, squares, means and maps stay float32.
       TorchScript exports run in fp32 only (their traced graph fixes the dtype).
     - ``channels_last`` (default on): NHWC activations, about twice as fast on CPU and what tensor
       cores want on GPU.
@@ -261,19 +261,22 @@ class TorchSession:
         scripted = isinstance(module, torch.jit.ScriptModule)
         if scripted and precision != "fp32":
             raise EfficientADError("TorchScript exports run in fp32; use the model file or ONNX/OpenVINO for bf16/fp16")
-        self.image_size = tuple(module.image_size) if not scripted else None
         self.precision = precision
         self.threads = threads or default_threads()
         if self.device.type == "cpu":
             torch.set_num_threads(self.threads)
-        module = module.to(self.device).eval()
+        # A copy: the conversions below work in place, and the caller's module may serve other sessions.
+        module = copy.deepcopy(module).to(self.device).eval()
         if precision != "fp32":
-            module = module.to({"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+            # Only the convolutions: the folded constants (input mean, map scales) keep float32 digits.
+            for layer in module.modules():
+                if isinstance(layer, nn.Conv2d):
+                    layer.to(dtype)
         self.channels_last = channels_last
         if channels_last:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
-        self.compiled = compile
         if compile:
             if self.device.type == "cuda":
                 self.forward = torch.compile(module, mode="reduce-overhead")
@@ -324,10 +327,6 @@ class TorchSession:
         outputs = self.run_tensors(images)
         return InferenceOutput(*(_host(t) for t in outputs))
 
-    @property
-    def name(self) -> str:
-        return "torch"
-
 
 class OnnxRuntimeSession:
     """Runs an ONNX export with ONNX Runtime (all graph optimisations, ``threads`` intra-op threads).
@@ -366,10 +365,6 @@ class OnnxRuntimeSession:
             images = images.numpy()
         outputs = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(images)})
         return InferenceOutput(*outputs)
-
-    @property
-    def name(self) -> str:
-        return "onnxruntime"
 
 
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -429,7 +424,3 @@ class OpenVinoSession:
         request = self._request(tuple(images.shape))
         request.infer({0: images})
         return InferenceOutput(*(request.get_output_tensor(i).data.copy() for i in range(4)))
-
-    @property
-    def name(self) -> str:
-        return "openvino"

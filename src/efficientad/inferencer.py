@@ -23,16 +23,20 @@ import torch.nn.functional as F
 from .data import ImageInput, read_image, resize_to_tensor
 from .errors import EfficientADError
 from .export import TORCHSCRIPT_EXTRA_FILE, detect_format, inference_metadata, parse_metadata
-from .inference import InferenceModel, InferenceOutput, check_batch, OnnxRuntimeSession, OpenVinoSession, TorchSession
+from .inference import InferenceModel, InferenceOutput, OnnxRuntimeSession, OpenVinoSession, TorchSession, check_batch
+from .model import load_model
 
 
 @dataclass
 class Prediction:
-    """One image's result; the fields mean what they mean in ``efficientad.detector.Prediction``.
+    """One image's result. Maps are float32 arrays at the image's original size.
 
-    Maps are float32 arrays at the image's original size. ``score`` is the combined map's maximum
-    at the model's output size (its image size unless exported otherwise), the size the threshold
-    was calibrated at.
+    ``anomaly_map`` is the combined map; ``local_map`` (teacher vs student: small defects) and
+    ``global_map`` (autoencoder vs student: logical anomalies) say which branch fired. On the
+    normalised scale 0 is typical of normal images and 0.1 is their rare extreme. ``score`` is the
+    combined map's maximum: at the original size from ``EfficientAD.predict``, at the model's
+    output size (its image size unless exported otherwise) from :class:`Inferencer`; the two agree
+    to interpolation error.
     """
 
     score: float
@@ -83,8 +87,6 @@ class Inferencer:
         if format in ("onnx", "torchscript") and precision != "fp32":
             raise EfficientADError(f"{format} files run in the precision they were exported in; use precision='fp32'")
         if format == "native":
-            from .model import load_model
-
             model, model_metadata = load_model(path)
             module = InferenceModel(model)
             metadata = inference_metadata(module, model_metadata.get("threshold"), model_metadata)

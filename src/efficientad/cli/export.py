@@ -13,7 +13,6 @@ def register(subparsers) -> None:
         "file. The exported file embeds the image size, input dtype and threshold; load it with "
         "efficientad.inferencer.Inferencer. Input: 'images' (N, 3, H, W) RGB; outputs: score (N,), anomaly_map, "
         "local_map, global_map (N, 1, H, W).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="model file written by `efficientad train`")
     parser.add_argument("--format", required=True, metavar="onnx|torchscript|openvino", help="export format")
@@ -23,7 +22,7 @@ def register(subparsers) -> None:
         "--input-dtype",
         choices=("float32", "uint8"),
         default="float32",
-        help="float32 takes images in [0, 1]; uint8 takes raw bytes and folds the /255 into the graph",
+        help="float32 (default) takes images in [0, 1]; uint8 takes raw bytes and folds the /255 into the graph",
     )
     parser.add_argument("--output-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="size of the maps (default: the model's image size)")
     parser.set_defaults(handler=run)
