@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .errors import EfficientADError
 from .inference import INPUT_DTYPES, InferenceModel
-from .model import EfficientADModel, load_model
+from .model import EfficientADModel, atomic_write, load_model
 
 EXPORT_FORMATS = ("onnx", "torchscript", "openvino")
 METADATA_KEY = "efficientad"
@@ -91,23 +91,10 @@ def onnx_bytes(module: InferenceModel, metadata: dict[str, Any] | None = None) -
     return proto.SerializeToString()
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
-
-
 def export_onnx(module: InferenceModel, path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
     """Write an ONNX file; input ``images`` (N, 3, H, W), outputs as :data:`OUTPUT_NAMES`."""
     content = onnx_bytes(module, metadata)
-    return _atomic_write(Path(path), lambda target: Path(target).write_bytes(content))
+    return atomic_write(path, lambda target: Path(target).write_bytes(content))
 
 
 def export_torchscript(module: InferenceModel, path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
@@ -119,7 +106,7 @@ def export_torchscript(module: InferenceModel, path: str | os.PathLike, metadata
         # deployments load; the warning would only alarm users who asked for it.
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(module, (_example_input(module),), check_trace=False)
-        return _atomic_write(Path(path), lambda target: torch.jit.save(traced, target, _extra_files=extra))
+        return atomic_write(path, lambda target: torch.jit.save(traced, target, _extra_files=extra))
 
 
 def require_openvino():

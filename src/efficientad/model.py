@@ -19,6 +19,7 @@ import os
 import platform
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -118,14 +119,14 @@ def versions() -> dict[str, str]:
     }
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path`` and rename it: no partial file on failure."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Let ``write`` fill a temporary file beside ``path``, then rename it: no partial file on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        torch.save(obj, temporary)
+        write(temporary)
         # mkstemp creates owner-only files; give the result the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
@@ -135,6 +136,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         if os.path.exists(temporary):
             os.unlink(temporary)
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` without ever leaving a partial file at ``path``."""
+    return atomic_write(path, lambda temporary: torch.save(obj, temporary))
 
 
 def save_model(model: EfficientADModel, path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
