@@ -81,6 +81,7 @@ class EfficientAD:
         validation_fraction: float = 0.1,
         false_positive_rate: float = 0.01,
         precision: str = "fp32",
+        channels_last: bool = False,
         device: str | torch.device = "cpu",
         seed: int = 0,
         progress: bool = True,
@@ -105,6 +106,7 @@ class EfficientAD:
             weight_decay=weight_decay,
             false_positive_rate=false_positive_rate,
             precision=precision,
+            channels_last=channels_last,
             seed=seed,
         )
         if precision == "fp16" and self.device.type != "cuda":

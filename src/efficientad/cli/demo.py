@@ -21,7 +21,12 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default="efficientad-demo", help="output folder")
     parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps")
     parser.add_argument("--teacher", default=None, metavar="PATH|small|random", help="teacher (default: official if reachable)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16", help="training precision")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="training precision (default: bf16 with channels-last where the CPU has native bf16, else fp32)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="seed for data and training")
     parser.set_defaults(handler=run)
@@ -51,13 +56,18 @@ def run(args: argparse.Namespace) -> int:
     from ..synthetic import make_dataset
     from ..visualize import display_range, overlay
     from ..data import read_image
+    from ..train import cpu_supports_bf16
 
     out = Path(args.out)
     category_dir = make_dataset(out / "data", seed=args.seed)
     print(f"generated a synthetic inspection set in {category_dir}")
     split = load_split("mvtec", category_dir.parent, category_dir.name)
     teacher = choose_teacher(args.teacher)
-    detector = EfficientAD(teacher=teacher, steps=args.steps, precision=args.precision, device=args.device, seed=args.seed)
+    precision = args.precision or ("bf16" if args.device == "cpu" and cpu_supports_bf16() else "fp32")
+    detector = EfficientAD(
+        teacher=teacher, steps=args.steps, precision=precision, channels_last=precision == "bf16",
+        device=args.device, seed=args.seed,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-teacher case was announced above
         detector.fit(split.train, split.validation)

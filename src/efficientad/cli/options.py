@@ -30,6 +30,11 @@ def add_training_options(parser: argparse.ArgumentParser, steps: int = 70_000) -
     group.add_argument("--batch-size", type=int, default=1, help="images per step (default: 1)")
     group.add_argument("--image-size", type=int, nargs="+", default=[256], metavar="N", help="N or H W (default: 256)")
     group.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="(default: fp32)")
+    group.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels-last memory layout for the convolutions (faster with bf16 on AVX-512 CPUs)",
+    )
     group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     group.add_argument("--seed", type=int, default=0, help="seed for the split, sampling and init (default: 0)")
     group.add_argument(
@@ -50,6 +55,7 @@ def detector_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "precision": args.precision,
+        "channels_last": args.channels_last,
         "device": args.device,
         "seed": args.seed,
         "false_positive_rate": args.false_positive_rate,
