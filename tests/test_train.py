@@ -184,7 +184,7 @@ def test_training_step_equals_the_papers_losses_written_plainly():
     expected = {"hard": loss_hard, "penalty": loss_penalty, "ae": loss_ae, "stae": loss_stae}
     expected["total"] = sum(expected.values())
     for name, value in expected.items():
-        assert float(got[name]) == pytest.approx(float(value), rel=1e-4), name
+        assert float(got[name].detach()) == pytest.approx(float(value.detach()), rel=1e-4), name
 
 
 def test_channels_last_gives_the_same_losses():
