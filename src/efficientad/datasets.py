@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,36 +142,40 @@ def _type_dirs(test_dir: Path) -> list[Path]:
     return sorted(folders, key=lambda p: (p.name != "good", p.name))
 
 
+def _test_samples(test_dir: Path, layout: str, masks_of: Callable[[str, Path], tuple[Path, ...]]) -> list[Sample]:
+    """Samples of ``test/<type>/*`` folders; ``masks_of(defect_type, image)`` finds a defect's masks."""
+    test = []
+    for type_dir in _type_dirs(_require_dir(test_dir, layout)):
+        for path in list_images(type_dir):
+            if type_dir.name == "good":
+                test.append(Sample(path, 0, "good"))
+            else:
+                test.append(Sample(path, 1, type_dir.name, masks_of(type_dir.name, path)))
+    return test
+
+
 def _load_mvtec(root: Path, category: str) -> Split:
     base = _category_dir(root, category, "MVTec AD")
     train = list_images(_require_dir(base / "train" / "good", "MVTec AD"))
-    test = []
-    for type_dir in _type_dirs(_require_dir(base / "test", "MVTec AD")):
-        defect_type = type_dir.name
-        for path in list_images(type_dir):
-            if defect_type == "good":
-                test.append(Sample(path, 0, "good"))
-                continue
-            mask = base / "ground_truth" / defect_type / f"{path.stem}_mask.png"
-            test.append(Sample(path, 1, defect_type, (mask,) if mask.is_file() else ()))
-    return Split("mvtec", category, train, None, test)
+
+    def masks_of(defect_type: str, path: Path) -> tuple[Path, ...]:
+        mask = base / "ground_truth" / defect_type / f"{path.stem}_mask.png"
+        return (mask,) if mask.is_file() else ()
+
+    return Split("mvtec", category, train, None, _test_samples(base / "test", "MVTec AD", masks_of))
 
 
 def _load_loco(root: Path, category: str) -> Split:
     base = _category_dir(root, category, "MVTec LOCO AD")
     train = list_images(_require_dir(base / "train" / "good", "MVTec LOCO AD"))
     validation = list_images(_require_dir(base / "validation" / "good", "MVTec LOCO AD"))
-    test = []
-    for type_dir in _type_dirs(_require_dir(base / "test", "MVTec LOCO AD")):
-        defect_type = type_dir.name
-        for path in list_images(type_dir):
-            if defect_type == "good":
-                test.append(Sample(path, 0, "good"))
-                continue
-            mask_dir = base / "ground_truth" / defect_type / path.stem
-            masks = tuple(sorted(mask_dir.glob("*.png"))) if mask_dir.is_dir() else ()
-            test.append(Sample(path, 1, defect_type, masks))
-    return Split("loco", category, train, validation, test)
+
+    def masks_of(defect_type: str, path: Path) -> tuple[Path, ...]:
+        # One folder per test image, one file per defect in it.
+        mask_dir = base / "ground_truth" / defect_type / path.stem
+        return tuple(sorted(mask_dir.glob("*.png"))) if mask_dir.is_dir() else ()
+
+    return Split("loco", category, train, validation, _test_samples(base / "test", "MVTec LOCO AD", masks_of))
 
 
 def load_defects_config(root: PathLike, category: str) -> dict[int, DefectSpec]:

@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .errors import EfficientADError
 from .inference import INPUT_DTYPES, InferenceModel
-from .model import EfficientADModel, atomic_write, load_model
+from .model import EfficientADModel, atomic_write, check_format, load_model
 
 EXPORT_FORMATS = ("onnx", "torchscript", "openvino")
 METADATA_KEY = "efficientad"
@@ -208,13 +208,7 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def check_metadata(metadata: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
     """Validate embedded metadata read from ``path``; returns it."""
-    if not isinstance(metadata, dict) or metadata.get("format") != METADATA_FORMAT:
-        raise EfficientADError(f"{path} was not exported by efficientad (no '{METADATA_KEY}' metadata)")
-    if metadata.get("format_version", 0) > METADATA_FORMAT_VERSION:
-        raise EfficientADError(
-            f"{path} was exported by a newer efficientad (format {metadata['format_version']}, this one reads up to "
-            f"{METADATA_FORMAT_VERSION}); upgrade efficientad"
-        )
+    check_format(metadata, path, METADATA_FORMAT, METADATA_FORMAT_VERSION, f"was not exported by efficientad (no '{METADATA_KEY}' metadata)")
     return metadata
 
 

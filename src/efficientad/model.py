@@ -162,6 +162,17 @@ def save_model(model: EfficientADModel, path: str | os.PathLike, metadata: dict[
     return atomic_save(content, path)
 
 
+def check_format(content: Any, path: str | os.PathLike, expected: str, newest_version: int, not_ours: str) -> None:
+    """Refuse content that is not of the ``expected`` format or that a newer efficientad wrote."""
+    if not isinstance(content, dict) or content.get("format") != expected:
+        raise EfficientADError(f"{path} {not_ours}")
+    if content.get("format_version", 0) > newest_version:
+        raise EfficientADError(
+            f"{path} was written by a newer efficientad (format {content['format_version']}, "
+            f"this one reads up to {newest_version}); upgrade efficientad"
+        )
+
+
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[EfficientADModel, dict[str, Any]]:
     """Read a model file; returns the model (in eval mode) and the file's other fields."""
     path = Path(path)
@@ -171,13 +182,10 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         content = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for truncated, corrupt or pickled-code files
         raise EfficientADError(f"cannot read model file {path} (corrupt or not a model file): {str(error).splitlines()[0]}") from None
-    if not isinstance(content, dict) or content.get("format") != MODEL_FORMAT:
-        raise EfficientADError(f"{path} is not an efficientad model file (a teacher or another checkpoint?)")
-    if content.get("format_version", 0) > MODEL_FORMAT_VERSION:
-        raise EfficientADError(
-            f"{path} was written by a newer efficientad (format {content['format_version']}, "
-            f"this one reads up to {MODEL_FORMAT_VERSION}); upgrade efficientad"
-        )
+    check_format(
+        content, path, MODEL_FORMAT, MODEL_FORMAT_VERSION,
+        "is not an efficientad model file (a teacher or another checkpoint?)",
+    )
     try:
         model = EfficientADModel(content["model_size"], tuple(content["image_size"]))
         model.load_state_dict(content["state_dict"])
