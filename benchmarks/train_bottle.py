@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,11 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-model", default=None, help="also save the trained model file here")
     args = parser.parse_args(argv)
 
-    import torch
-
     from efficientad.datasets import load_split
     from efficientad.detector import EfficientAD
     from efficientad.metrics import image_auroc
+    from efficientad.bench import system_info
     from efficientad.runlog import write_run_record
 
     if not Path(args.data, "bottle").is_dir():
@@ -63,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "median_step_seconds": detector.metadata_["training"]["median_step_seconds"],
         "total_seconds": time.perf_counter() - started,
         "final_losses": detector.metadata_["training"]["final_losses"],
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "system": system_info(args.device),
     }
     if args.save_model:
         detector.save(args.save_model)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -100,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    import torch
-
+    from efficientad.bench import system_info
     from efficientad.runlog import write_run_record
 
     variants = [v for v in args.variants.split(",") if v]
@@ -110,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(VARIANTS)}")
     train, penalty, source = load_images(n_train=32, n_penalty=32)
     result = {"benchmark": "train_speed", "model_size": "s", "batch_size": 1, "penalty": True, "data": source,
-              "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-              "ours": {}}
+              "system": system_info(), "ours": {}}
     for variant in variants:
         result["ours"][variant] = time_ours(variant, train, penalty, args.steps, args.warmup)
         print(f"{variant}: {result['ours'][variant]['median_step_seconds']:.3f} s/step", flush=True)

@@ -212,13 +212,21 @@ def default_threads() -> int:
         return max(1, torch.get_num_threads())
 
 
+def cpu_supports_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels here (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def check_precision(precision: str, device: torch.device) -> None:
     """Raise unless ``precision`` runs on ``device`` with this torch build."""
     if precision not in PRECISIONS:
         raise EfficientADError(f"precision must be one of {PRECISIONS} for the torch backend, got {precision!r}")
     if precision == "fp16" and device.type != "cuda":
         raise EfficientADError("precision fp16 needs --device cuda; on the CPU use bf16 or fp32")
-    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
         raise EfficientADError("this CPU (or torch build) has no bf16 support in oneDNN; use fp32")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise EfficientADError("this GPU does not support bf16; use fp16")

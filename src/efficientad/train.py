@@ -114,14 +114,6 @@ def penalty_image(penalty_images: torch.Tensor, generator: torch.Generator) -> t
     return image
 
 
-def cpu_supports_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels here (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def autocast(device: torch.device, precision: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
@@ -175,6 +167,10 @@ class StepNetworks(NamedTuple):
     head: torch.nn.Conv2d
     autoencoder: torch.nn.Module
 
+    @classmethod
+    def of(cls, model: EfficientADModel) -> StepNetworks:
+        return cls(model.student[:-1], model.student[-1], model.autoencoder)
+
 
 def make_optimizer(model: EfficientADModel, config: TrainConfig):
     """Adam over student and autoencoder; the learning rate drops tenfold after 95% of the steps."""
@@ -219,7 +215,7 @@ def train_networks(
     model.train()
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    networks = StepNetworks(model.student[:-1], model.student[-1], model.autoencoder)
+    networks = StepNetworks.of(model)
     if config.compile:
         networks = StepNetworks(torch.compile(networks.trunk), networks.head, torch.compile(networks.autoencoder))
 
@@ -275,7 +271,7 @@ def training_step(
 ) -> dict[str, torch.Tensor]:
     """The losses of one step (not yet back-propagated)."""
     if networks is None:
-        networks = StepNetworks(model.student[:-1], model.student[-1], model.autoencoder)
+        networks = StepNetworks.of(model)
     device = images.device
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     clean = to_float(images[index.to(device)]).contiguous(memory_format=memory_format)

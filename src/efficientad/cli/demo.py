@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..synthetic import make_dataset
     from ..visualize import display_range, overlay
     from ..data import read_image
-    from ..train import cpu_supports_bf16
+    from ..inference import cpu_supports_bf16
 
     out = Path(args.out)
     category_dir = make_dataset(out / "data", seed=args.seed)
