@@ -3,18 +3,11 @@ import shutil
 
 import pytest
 
-from efficientad.benchmark import (
-    find_categories,
-    format_duration,
-    load_references,
-    reference_for,
-    render_markdown,
-    run_benchmark,
-    run_category,
-    summarize_metrics,
-)
+from efficientad.benchmark import find_categories, run_benchmark, run_category
+from efficientad.benchmark_report import format_duration, render_markdown
 from efficientad.cli import main
 from efficientad.errors import EfficientADError
+from efficientad.paper import load_references, reference_for, summarize_metrics
 from efficientad.synthetic import make_dataset
 
 from .conftest import SHARED, requires_shared
