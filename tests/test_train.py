@@ -84,6 +84,14 @@ def _tiny_setup(steps=2, **config):
     return model, images, TrainConfig(steps=steps, **config)
 
 
+def _loss_history(steps, **config):
+    """Each step's losses from a tiny seeded run, and the trained model."""
+    model, images, config = _tiny_setup(steps=steps, **config)
+    losses = []
+    train_networks(model, images, config, progress=False, on_step=lambda step, step_losses: losses.append(step_losses))
+    return losses, model
+
+
 def test_penalty_off_and_on():
     model, images, config = _tiny_setup()
     off = train_networks(model, images, config, penalty_images=None, progress=False)
@@ -94,12 +102,7 @@ def test_penalty_off_and_on():
 
 
 def test_cached_teacher_gives_the_same_losses_as_the_plain_path():
-    histories = []
-    for cache in (True, False):
-        model, images, config = _tiny_setup(steps=3, cache_teacher=cache)
-        losses = []
-        train_networks(model, images, config, progress=False, on_step=lambda step, l: losses.append(l))
-        histories.append(losses)
+    histories = [_loss_history(3, cache_teacher=cache)[0] for cache in (True, False)]
     assert histories[0][0]["total"] > 0
     for cached, plain in zip(*histories):
         for name in cached:
@@ -190,9 +193,7 @@ def test_training_step_equals_the_papers_losses_written_plainly():
 def test_channels_last_gives_the_same_losses():
     histories = []
     for channels_last in (False, True):
-        model, images, config = _tiny_setup(steps=2, channels_last=channels_last)
-        losses = []
-        train_networks(model, images, config, progress=False, on_step=lambda step, l: losses.append(l))
+        losses, model = _loss_history(2, channels_last=channels_last)
         histories.append(losses)
         assert model.student[0].weight.is_contiguous()  # saved models keep the plain layout
     for a, b in zip(*histories):
