@@ -5,7 +5,11 @@ Distils a PDN-small from the offline ResNet-18 (stem..layer3) on the ImageNet sa
 that teacher, with a random teacher and with the shared ResNet-18 teacher, and reports each one's
 image AUROC. Paths default to ``../shared`` beside the repository.
 
-    python benchmarks/pretrain_teacher.py --budget 1800 --train-steps 2000 --json pretrain.json
+    python benchmarks/pretrain_teacher.py --budget 3600 --train-steps 1000 --bf16 \
+        --train-precision bf16 --channels-last --work-dir runs/pretrain --json pretrain.json
+
+``--reuse-teacher runs/pretrain/teacher.pth --seed 1`` repeats the comparison with another training
+seed without distilling again.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", type=float, required=True, help="pretraining wall-clock seconds")
+    parser.add_argument("--budget", type=float, default=3600, help="pretraining wall-clock seconds")
     parser.add_argument("--train-steps", type=int, required=True, help="EfficientAD training steps per teacher")
     parser.add_argument("--json", required=True, help="where to write the results")
     parser.add_argument("--images", default=str(SHARED / "data" / "imagenet_samples"), help="distillation images")
@@ -51,6 +55,12 @@ def parse_args() -> argparse.Namespace:
         help="EfficientAD training precision, the same for all three teachers",
     )
     parser.add_argument("--channels-last", action="store_true", help="channels-last EfficientAD training")
+    parser.add_argument("--seed", type=int, default=0, help="EfficientAD training seed, the same for all three teachers")
+    parser.add_argument(
+        "--reuse-teacher",
+        default=None,
+        help="skip pretraining and compare this teacher (written by an earlier run) instead",
+    )
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--work-dir", default=None, help="keep the teacher here (default: a temporary folder)")
     return parser.parse_args()
@@ -64,7 +74,7 @@ def evaluate(teacher: str, split, args: argparse.Namespace) -> dict:
         steps=args.train_steps,
         precision=args.train_precision,
         channels_last=args.channels_last,
-        seed=0,
+        seed=args.seed,
         device=args.device,
         progress=False,
     )
@@ -82,35 +92,41 @@ def main() -> None:
     args = parse_args()
     split = load_split("mvtec", args.mvtec, args.category)
     with tempfile.TemporaryDirectory() as temporary:
-        out = Path(args.work_dir or temporary) / "teacher.pth"
-        pretrained = pretrain_teacher(
-            args.images,
-            out,
-            backbone="resnet18",
-            backbone_weights=args.backbone_weights,
-            model_size="s",
-            # The paper's count: on a CPU the budget ends the run long before it.
-            steps=60_000,
-            batch_size=args.batch_size,
-            normalization_images=args.normalization_images,
-            validate_every=args.validate_every,
-            checkpoint_every=0,
-            time_budget=args.budget,
-            device=args.device,
-            bf16=args.bf16,
-            workers=args.workers,
-        )
-        report = {
-            "benchmark": "pretrain_teacher",
-            "args": vars(args),
-            "pretraining": {
+        if args.reuse_teacher:
+            out = Path(args.reuse_teacher)
+            pretraining = {"reused": str(out)}
+        else:
+            out = Path(args.work_dir or temporary) / "teacher.pth"
+            pretrained = pretrain_teacher(
+                args.images,
+                out,
+                backbone="resnet18",
+                backbone_weights=args.backbone_weights,
+                model_size="s",
+                # The paper's count: on a CPU the budget ends the run long before it.
+                steps=60_000,
+                batch_size=args.batch_size,
+                normalization_images=args.normalization_images,
+                validate_every=args.validate_every,
+                checkpoint_every=0,
+                time_budget=args.budget,
+                device=args.device,
+                bf16=args.bf16,
+                workers=args.workers,
+            )
+            pretraining = {
                 "steps": pretrained.steps,
                 "seconds": pretrained.seconds,
                 "validation_loss": pretrained.validation_loss,
                 "losses": pretrained.losses,
-            },
+            }
+        report = {
+            "benchmark": "pretrain_teacher",
+            "args": vars(args),
+            "pretraining": pretraining,
             "category": args.category,
             "train_steps": args.train_steps,
+            "seed": args.seed,
             "results": {},
             "versions": versions(),
         }
