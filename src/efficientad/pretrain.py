@@ -29,9 +29,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .detector import resolve_device
 from .backbones import BACKBONES
 from .data import IMAGENET_MEAN, IMAGENET_STD, list_images, read_image, resize_to_tensor
+from .detector import resolve_device
 from .errors import EfficientADError
 from .model import atomic_save, versions
 from .networks import PDN_SPECS, TEACHER_CHANNELS, pdn, pdn_output_side
@@ -44,7 +44,6 @@ TEACHER_FORMAT = "efficientad-teacher"
 TEACHER_FORMAT_VERSION = 1
 CHECKPOINT_FORMAT = "efficientad-pretrain-checkpoint"
 
-# Output channels of layer2 and layer3 for each supported torchvision backbone.
 # Everything a forward pass up to layer3 touches; layer4 and fc are dropped to save compute.
 BACKBONE_MODULES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
 # The reference reproduction pools every layer's flattened 3x3 patches to this many values.
