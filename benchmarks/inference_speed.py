@@ -2,7 +2,7 @@
 
     python benchmarks/inference_speed.py --model bottle.pt            # writes benchmarks/results/inference_cpu.json
 
-Each configuration is timed with ``efficientad.bench`` (batch-1 latency: median/p90 over --runs;
+Each configuration is timed with ``efficientad.deploy.speed`` (batch-1 latency: median/p90 over --runs;
 throughput at --batch-size). With --model, every configuration also scores the test images of
 --category and reports its image AUROC and its largest score/map differences to float32 PyTorch.
 The summary names the fastest configuration whose AUROC stays within --auroc-tolerance of float32.
@@ -76,8 +76,10 @@ def summarize(results: list[dict], tolerance: float, target_ms: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from efficientad.bench import bench, load_calibration_set, load_test_set, run_all, system_info
-    from efficientad.inference import InferenceModel, TorchSession, default_threads
+    from efficientad.deploy.speed import bench, load_calibration_set, load_test_set, run_all, system_info
+    from efficientad.deploy.fused import FusedModel
+    from efficientad.deploy.runtimes import TorchSession
+    from efficientad.device import default_threads
     from efficientad.model import load_model
 
     threads = args.threads or default_threads()
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         test_set = (images, labels)
         calibration = load_calibration_set(root, args.category, model.image_size)
         print("float32 reference outputs ...", flush=True)
-        reference = run_all(TorchSession(InferenceModel(model), threads=threads), images)
+        reference = run_all(TorchSession(FusedModel(model), threads=threads), images)
 
     results = []
     for config in configs:

@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from efficientad.datasets import load_split
+from efficientad.data.datasets import load_split
 from efficientad.detector import EfficientAD
-from efficientad.metrics import image_auroc
-from efficientad.model import versions
-from efficientad.pretrain import pretrain_teacher
+from efficientad.evaluation.metrics import image_auroc
+from efficientad.files import versions
+from efficientad.training.pretrain import pretrain_teacher
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -111,7 +111,7 @@ def main() -> None:
                 checkpoint_every=0,
                 time_budget=args.budget,
                 device=args.device,
-                bf16=args.bf16,
+                precision="bf16" if args.bf16 else "fp32",
                 workers=args.workers,
             )
             pretraining = {

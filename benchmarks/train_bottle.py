@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-model", default=None, help="also save the trained model file here")
     args = parser.parse_args(argv)
 
-    from efficientad.datasets import load_split
+    from efficientad.data.datasets import load_split
     from efficientad.detector import EfficientAD
-    from efficientad.metrics import image_auroc
-    from efficientad.bench import system_info
-    from efficientad.runlog import write_run_record
+    from efficientad.evaluation.metrics import image_auroc
+    from efficientad.deploy.speed import system_info
+    from efficientad.files import write_run_record
 
     if not Path(args.data, "bottle").is_dir():
         print(f"skipped: {Path(args.data, 'bottle')} not found (needs ../shared beside the repo)")

@@ -31,13 +31,13 @@ VARIANTS = {
 def load_images(n_train: int, n_penalty: int):
     import torch
 
-    from efficientad.data import list_images, load_images as decode
-    from efficientad.detector import load_penalty_images
+    from efficientad.data.images import list_images, load_images as decode
+    from efficientad.training.penalty import PenaltyImages
 
     bottle = SHARED / "data" / "mvtec_ad" / "bottle" / "train" / "good"
     if bottle.is_dir():
         train = decode(list_images(bottle)[:n_train], (256, 256))
-        penalty = load_penalty_images(SHARED / "data" / "imagenet_samples", (256, 256), progress=False)[:n_penalty]
+        penalty = PenaltyImages(SHARED / "data" / "imagenet_samples", (256, 256), progress=False).images[:n_penalty]
         return train, penalty, "mvtec_ad/bottle + imagenet_samples"
     generator = torch.Generator().manual_seed(0)
     train = (torch.rand(n_train, 3, 256, 256, generator=generator) * 255).to(torch.uint8)
@@ -47,7 +47,8 @@ def load_images(n_train: int, n_penalty: int):
 
 def time_ours(variant: str, train, penalty, steps: int, warmup: int) -> dict:
     from efficientad.model import EfficientADModel
-    from efficientad.train import TrainConfig, train_networks
+    from efficientad.config import TrainConfig
+    from efficientad.training.train import train_networks
 
     model = EfficientADModel("s", (256, 256))
     config = TrainConfig(steps=warmup + steps, **VARIANTS[variant])
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    from efficientad.bench import system_info
-    from efficientad.runlog import write_run_record
+    from efficientad.deploy.speed import system_info
+    from efficientad.files import write_run_record
 
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)

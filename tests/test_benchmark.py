@@ -3,12 +3,12 @@ import shutil
 
 import pytest
 
-from efficientad.benchmark import find_categories, run_benchmark, run_category
-from efficientad.benchmark_report import format_duration, render_markdown
+from efficientad.collection.runner import find_categories, run_benchmark, run_category
+from efficientad.collection.report import format_duration, render_markdown
 from efficientad.cli import main
 from efficientad.errors import EfficientADError
-from efficientad.paper import load_references, reference_for, summarize_metrics
-from efficientad.synthetic import make_dataset
+from efficientad.collection.paper import load_references, reference_for, summarize_metrics
+from efficientad.data.synthetic import make_dataset
 
 from .conftest import SHARED, requires_shared
 
@@ -92,7 +92,7 @@ def test_resume_skips_finished_categories(first_run, collection, capsys):
 
 
 def test_resume_refuses_results_trained_with_other_settings(first_run, collection):
-    with pytest.raises(EfficientADError, match="other settings.*steps 2 there, 3 now.*--force"):
+    with pytest.raises(EfficientADError, match=r"other settings.*steps 2 there, 3 now.*force=True"):
         run_benchmark("mvtec_ad", collection, first_run[0], {**SETTINGS, "steps": 3}, categories=["bottle"])
 
 
@@ -110,7 +110,7 @@ def test_bad_requests_fail_before_any_training(collection, tmp_path):
         run_benchmark("mvtec_ad", collection, tmp_path, SETTINGS, categories=["bottle", "screw"])
     with pytest.raises(EfficientADError, match="inside the dataset root"):
         run_benchmark("mvtec_ad", collection, collection / "results", SETTINGS)
-    with pytest.raises(EfficientADError, match="unknown collection"):
+    with pytest.raises(EfficientADError, match="collection must be one of"):
         run_benchmark("mvtec", collection, tmp_path, SETTINGS)
     with pytest.raises(EfficientADError, match="image_size"):
         run_benchmark("mvtec_ad", collection, tmp_path, {**SETTINGS, "image_size": 64})
@@ -189,7 +189,7 @@ def test_format_duration():
 
 
 def test_heartbeat_shows_the_latest_progress_bar_state(tmp_path):
-    from efficientad.benchmark import _latest_status
+    from efficientad.collection.runner import _latest_status
 
     log = tmp_path / "log.txt"
     log.write_text("Loading: 100%\nTraining:  10%| 7/70\rTraining:  20%| 14/70\r")

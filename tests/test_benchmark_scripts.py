@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from efficientad.synthetic import make_dataset
+from efficientad.data.synthetic import make_dataset
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

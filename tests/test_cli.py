@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from efficientad.cli import main
-from efficientad.synthetic import make_dataset
+from efficientad.data.synthetic import make_dataset
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from efficientad.data import list_images, load_images, read_image, split_validation
+from efficientad.data.images import list_images, load_images, read_image, split_validation
 from efficientad.errors import EfficientADError
 
 
@@ -72,3 +72,15 @@ def test_split_is_seeded_and_disjoint():
     assert split_validation(items, 0.1, seed=1) != (train, validation)
     with pytest.raises(EfficientADError, match="at least 2"):
         split_validation([1], 0.1, seed=0)
+
+
+def test_to_float_never_changes_its_input():
+    import torch
+
+    from efficientad.data.images import to_float
+
+    for images in (torch.full((1, 3, 2, 2), 255, dtype=torch.uint8), torch.full((1, 3, 2, 2), 255.0)):
+        before = images.clone()
+        converted = to_float(images)
+        assert torch.equal(images, before)
+        assert converted.dtype == torch.float32 and float(converted.max()) == 1.0

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from efficientad.datasets import (
+from efficientad.data.datasets import (
     DefectSpec,
     Sample,
     load_defects_config,
@@ -15,8 +15,9 @@ from efficientad.datasets import (
     read_mask,
 )
 from efficientad.errors import EfficientADError
+from .conftest import SHARED, requires_shared
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = SHARED / "data"
 
 
 def image(path: Path, value=0, size=(8, 6), mode="L") -> Path:
@@ -70,7 +71,7 @@ def test_mvtec_layout_errors(tmp_path):
     (tmp_path / "widget" / "train" / "good").rmdir()
     with pytest.raises(EfficientADError, match=r"expected MVTec AD layout: .*widget/train/good not found"):
         load_split("mvtec", tmp_path, "widget")
-    with pytest.raises(EfficientADError, match="unknown dataset format 'kaggle'"):
+    with pytest.raises(EfficientADError, match="format must be one of .*got 'kaggle'"):
         load_split("kaggle", tmp_path, "widget")
     with pytest.raises(EfficientADError, match="dataset root not found"):
         load_split("mvtec", tmp_path / "missing", "widget")
@@ -247,8 +248,7 @@ def test_read_mask(tmp_path):
     assert not read_mask(rgba).any()
 
 
-@pytest.mark.shared
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
+@requires_shared("data")
 def test_shared_data():
     bottle = load_split("mvtec", SHARED_DATA / "mvtec_ad", "bottle")
     assert len(bottle.train) == 209 and len(bottle.test) == 83

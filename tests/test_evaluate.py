@@ -1,6 +1,5 @@
 import json
 import re
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,11 +9,11 @@ import tifffile
 from PIL import Image
 
 from efficientad.cli import main
-from efficientad.datasets import Split, load_folder_split, load_split, read_mask
-from efficientad.detector import EfficientAD, Prediction
+from efficientad.data.datasets import Split, load_folder_split, load_split, read_mask
+from efficientad.deploy.inferencer import Prediction
 from efficientad.errors import EfficientADError
-from efficientad.evaluate import evaluate
-from efficientad.synthetic import make_dataset
+from efficientad.evaluation.evaluate import evaluate
+from efficientad.data.synthetic import make_dataset
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "au_pro", "f1_max")
 SPRO_KEYS = ("au_spro_logical", "au_spro_structural", "au_spro")
@@ -23,15 +22,11 @@ SIZE = 128
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tiny, tmp_path_factory):
+    """The session's tiny model, evaluated on a set of smaller images than it was trained on."""
     root = tmp_path_factory.mktemp("data")
     make_dataset(root, n_train=4, n_test_good=3, n_test_defect=3, size=SIZE)
-    split = load_split("mvtec", root, "widget")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        detector = EfficientAD(teacher="random", steps=2, progress=False).fit(split.train)
-    model_path = detector.save(tmp_path_factory.mktemp("model") / "model.pt")
-    return detector, split, model_path
+    return tiny.detector, load_split("mvtec", root, "widget"), tiny.path
 
 
 @pytest.fixture(scope="module")

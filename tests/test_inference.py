@@ -7,10 +7,11 @@ from PIL import Image
 
 from efficientad.cli import main
 from efficientad.errors import EfficientADError
-from efficientad.export import export_model
-from efficientad.inference import InferenceModel, OnnxRuntimeSession, TorchSession
-from efficientad.inferencer import Inferencer
-from efficientad.model import EfficientADModel, save_model, to_image_grid
+from efficientad.deploy.formats import export_model
+from efficientad.deploy.fused import FusedModel
+from efficientad.deploy.inferencer import Inferencer
+from efficientad.deploy.runtimes import OnnxRuntimeSession, TorchSession
+from efficientad.model import EfficientADModel, map_scale, normalize_maps, save_model, to_image_grid
 
 try:
     import openvino  # noqa: F401
@@ -22,20 +23,21 @@ except ImportError:
 THRESHOLD = 0.05
 
 
-@pytest.fixture(scope="module")
-def calibrated():
-    """A random-weight model with constants measured like training does, so that maps are O(0.1)."""
+@pytest.fixture(scope="module", params=["s", pytest.param("m", marks=pytest.mark.slow)])
+def calibrated(request):
+    """A random-weight PDN-S or PDN-M model with constants measured like training does, so that maps are O(0.1)."""
     torch.manual_seed(0)
-    model = EfficientADModel("s").eval()
+    model = EfficientADModel(request.param).eval()
     # Whole byte values, so that the same images given as uint8 arrays give the same results.
     images = torch.randint(0, 256, (2, 3, 256, 256)).float() / 255
     with torch.no_grad():
         features = model.teacher(model.normalize_input(images))
         model.teacher_mean.copy_(features.mean(dim=(0, 2, 3), keepdim=True))
         model.teacher_std.copy_(features.std(dim=(0, 2, 3), keepdim=True))
-        local, global_ = model.raw_maps(images)
+        local, global_ = model.raw_maps(images).unbind(dim=1)
         model.map_quantiles.copy_(torch.stack([local.min() / 2, local.max(), global_.min() / 2, global_.max()]))
-        reference = [to_image_grid(m, (256, 256)) for m in model(images)]
+        maps = model(images)
+        reference = [maps[:, 0:1], maps[:, 1:2], maps[:, 2:3]]
     return model, images, reference
 
 
@@ -61,7 +63,7 @@ def _assert_outputs_close(outputs, reference, atol=1e-5):
 def test_fused_module_equals_training_path(calibrated):
     model, images, reference = calibrated
     with torch.no_grad():
-        outputs = InferenceModel(model)(images)
+        outputs = FusedModel(model)(images)
     assert outputs[0].shape == (2,) and outputs[1].shape == (2, 1, 256, 256)
     _assert_outputs_close([t.numpy() for t in outputs], reference)
 
@@ -70,26 +72,32 @@ def test_uint8_input_folds_the_division(calibrated):
     model, images, _ = calibrated
     raw = (images[:1] * 255).round().to(torch.uint8)
     with torch.no_grad():
-        from_bytes = InferenceModel(model, input_dtype="uint8")(raw)
-        from_floats = InferenceModel(model)(raw.float() / 255)
+        from_bytes = FusedModel(model, input_dtype="uint8")(raw)
+        from_floats = FusedModel(model)(raw.float() / 255)
     for a, b in zip(from_bytes, from_floats):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def _maps_at(model: EfficientADModel, images: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """The plain path's normalised maps resized to ``size``."""
+    with torch.no_grad():
+        return to_image_grid(normalize_maps(model.raw_maps(images), *map_scale(model.map_quantiles)), size).numpy()
+
+
 def test_output_size_and_channels_last_session(calibrated):
-    model, images, _ = calibrated
-    session = TorchSession(InferenceModel(model, output_size=(100, 120)), channels_last=True, threads=2)
+    model, images, reference = calibrated
+    session = TorchSession(FusedModel(model, output_size=(100, 120)), channels_last=True, threads=2)
     output = session.run(images[:1].numpy())
     assert output.anomaly_map.shape == (1, 1, 100, 120)
-    with torch.no_grad():
-        want = to_image_grid(model(images[:1])[0], (100, 120))
-    np.testing.assert_allclose(output.anomaly_map, want.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(output.anomaly_map, _maps_at(model, images[:1], (100, 120))[:, 0:1], atol=1e-5, rtol=0)
+    # The score stays the maximum at the model's image size, whatever size the maps come out at.
+    np.testing.assert_allclose(output.score, reference[0][:1].amax(dim=(1, 2, 3)).numpy(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 on this CPU")
 def test_bf16_session_stays_close(calibrated):
     model, images, reference = calibrated
-    module = InferenceModel(model)
+    module = FusedModel(model)
     output = TorchSession(module, precision="bf16", threads=2).run(images[:1])
     assert output.anomaly_map.dtype == np.float32
     assert module.local_head.weight.dtype == torch.float32, "the session must convert a copy"
@@ -98,9 +106,9 @@ def test_bf16_session_stays_close(calibrated):
 
 def test_uncalibrated_model_and_bad_precision_raise(calibrated):
     with pytest.raises(EfficientADError, match="quantiles"):
-        InferenceModel(EfficientADModel("s"))
-    with pytest.raises(EfficientADError, match="fp16 needs"):
-        TorchSession(InferenceModel(calibrated[0]), precision="fp16")
+        FusedModel(EfficientADModel("s"))
+    with pytest.raises(EfficientADError, match="'fp16' needs a CUDA device"):
+        TorchSession(FusedModel(calibrated[0]), precision="fp16")
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load's deprecation notice
@@ -141,9 +149,7 @@ def test_export_cli_uint8_onnx_with_output_size(calibrated, exported, tmp_path):
     picture = (images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     output = inferencer.run(picture.transpose(2, 0, 1)[None].copy())
     assert output.anomaly_map.shape == (1, 1, 128, 96)
-    with torch.no_grad():
-        want = to_image_grid(calibrated[0](images[:1])[0], (128, 96))
-    np.testing.assert_allclose(output.anomaly_map, want.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(output.anomaly_map, _maps_at(calibrated[0], images[:1], (128, 96))[:, 0:1], atol=1e-5, rtol=0)
     with pytest.raises(EfficientADError, match="takes uint8"):
         inferencer.run(images[:1].numpy())
 
@@ -170,8 +176,9 @@ def test_inferencer_rejects_other_files(tmp_path):
 def test_export_cli_errors(exported, tmp_path, capsys):
     assert main(["export", "--model", str(tmp_path / "missing.pt"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "model file not found" in capsys.readouterr().err
-    assert main(["export", "--model", str(exported["native"]), "--format", "tflite", "--out", str(tmp_path / "m")]) == 2
-    assert "unknown export format" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "--model", str(exported["native"]), "--format", "tflite", "--out", str(tmp_path / "m")])
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err
 
 
 def test_bench_cli_runs(tmp_path, capsys):

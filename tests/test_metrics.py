@@ -4,7 +4,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from efficientad.errors import EfficientADError
-from efficientad.metrics import (
+from efficientad.evaluation.metrics import (
     au_pro,
     au_spro,
     f1_max,

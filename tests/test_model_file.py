@@ -8,16 +8,12 @@ from efficientad.detector import EfficientAD
 from efficientad.errors import EfficientADError
 from efficientad.model import load_model
 
+from .conftest import noise_images
+
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    images = [(rng.random((256, 256, 3)) * 255).astype(np.uint8) for _ in range(10)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        detector = EfficientAD(teacher="random", steps=2, progress=False).fit(images)
-    path = detector.save(tmp_path_factory.mktemp("model") / "model.pt")
-    return detector, path, images
+def trained(tiny):
+    return tiny.detector, tiny.path, noise_images(4)
 
 
 def test_round_trip_gives_identical_scores_and_maps(trained):

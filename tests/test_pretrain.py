@@ -12,7 +12,7 @@ from torch import nn
 
 from efficientad.cli import main
 from efficientad.errors import EfficientADError
-from efficientad.pretrain import BACKBONES, DistillationTarget, checkpoint_path, load_backbone, pretrain_teacher
+from efficientad.training.pretrain import BACKBONES, DistillationTarget, checkpoint_path, load_backbone, pretrain_teacher
 
 # Tiny settings: 32x32 PDN input (64x64 for the backbone, an 8x8 target grid), random resnet18.
 TINY = dict(
@@ -183,7 +183,7 @@ def test_imagenet_weights_offline_fail_clearly(monkeypatch):
 
 
 def test_a_few_steps_reduce_the_loss(images, tmp_path):
-    result = pretrain_teacher(images, tmp_path / "teacher.pth", steps=10, lr=1e-3, checkpoint_every=0, **TINY)
+    result = pretrain_teacher(images, tmp_path / "teacher.pth", steps=10, learning_rate=1e-3, checkpoint_every=0, **TINY)
     train = [loss for _, loss in result.losses["train"]]
     # One held-out image of a random backbone is too noisy to judge progress by; it is only logged.
     assert [step for step, _ in result.losses["validation"]] == [5, 10]
@@ -226,7 +226,7 @@ def test_time_budget_still_writes_a_valid_teacher(images, tmp_path):
 
 
 def test_bf16_autocast_trains(images, tmp_path):
-    result = pretrain_teacher(images, tmp_path / "teacher.pth", steps=2, bf16=True, checkpoint_every=0, **TINY)
+    result = pretrain_teacher(images, tmp_path / "teacher.pth", steps=2, precision="bf16", checkpoint_every=0, **TINY)
     assert np.isfinite(result.validation_loss)
 
 
@@ -266,7 +266,7 @@ def test_unreadable_images_fail_in_one_line_from_a_worker(images, tmp_path):
         ({"model_size": "l"}, "model_size must be one of"),
         ({"grayscale": 1.5}, "grayscale must be a probability"),
         ({"time_budget": 0}, "time_budget must be positive"),
-        ({"device": "tpu"}, "device must be cpu or cuda"),
+        ({"device": "tpu"}, "device must be 'cpu' or 'cuda"),
     ],
 )
 def test_bad_arguments_are_named(images, tmp_path, override, message):
@@ -330,7 +330,7 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
 
 
 def test_teacher_loads_through_the_teacher_loader(cli_teacher):
-    from efficientad.teacher import load_teacher_file, resolve_teacher
+    from efficientad.training.teacher import load_teacher_file, resolve_teacher
 
     state = torch.load(cli_teacher, weights_only=True)["state_dict"]
     teacher = load_teacher_file(cli_teacher, "s")
@@ -342,7 +342,7 @@ def test_teacher_loads_through_the_teacher_loader(cli_teacher):
 
 
 def test_teacher_trains_a_detector_through_the_cli(cli_teacher, tmp_path):
-    from efficientad.synthetic import make_dataset
+    from efficientad.data.synthetic import make_dataset
 
     make_dataset(tmp_path / "data", "widget", n_train=10, n_test_good=1, n_test_defect=1, size=256)
     out = tmp_path / "run"

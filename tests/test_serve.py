@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import struct
 import threading
-import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,15 +15,11 @@ from PIL import Image
 
 from efficientad import serve
 from efficientad.cli import build_parser
-from efficientad.cli import serve as serve_cli
+from efficientad.deploy.inferencer import Inferencer
 from efficientad.detector import EfficientAD
 from efficientad.errors import EfficientADError
 
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+from .conftest import png_bytes
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -38,14 +33,8 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    images = [(rng.random((256, 256, 3)) * 255).astype(np.uint8) for _ in range(10)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the random teacher's "testing only" warning
-        detector = EfficientAD(teacher="random", steps=2, progress=False).fit(images)
-    path = detector.save(tmp_path_factory.mktemp("serve") / "model.pt")
-    return EfficientAD.load(path), path
+def trained(tiny):
+    return Inferencer.load(tiny.path), tiny.path
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +130,8 @@ def test_concurrent_requests_all_get_their_own_answer(client, trained):
     assert [r.json()["height"] for r in responses] == [a.shape[0] for a in arrays]
 
 
-def test_server_answers_while_the_model_is_busy(client, trained, sample, monkeypatch):
-    detector, _ = trained
+def test_server_answers_while_the_model_is_busy(client, sample, monkeypatch):
+    detector = client.app.state.inferencer
     busy, release = threading.Event(), threading.Event()
     predict = detector.predict
 
@@ -164,7 +153,7 @@ def test_server_answers_while_the_model_is_busy(client, trained, sample, monkeyp
 
 def test_model_without_threshold_gives_no_verdict(trained, sample, monkeypatch):
     detector, _ = trained
-    monkeypatch.setattr(detector, "threshold_", None)
+    monkeypatch.setattr(detector, "threshold", None)
     with TestClient(serve.create_app(detector)) as client:
         result = client.post("/predict", content=sample[1]).json()
         headers = client.post("/predict?heatmap=png", content=sample[1]).headers
@@ -238,7 +227,7 @@ def test_create_app_refuses_bad_arguments(tmp_path, trained):
         serve.create_app(tmp_path / "missing.pt")
     with pytest.raises(EfficientADError, match="max_upload_mb"):
         serve.create_app(trained[0], max_upload_mb=0)
-    with pytest.raises(EfficientADError, match="trained"):
+    with pytest.raises(EfficientADError, match="Inferencer"):
         serve.create_app(EfficientAD(progress=False))
 
 
@@ -254,8 +243,3 @@ def test_cli_serve_starts_uvicorn_with_the_options(monkeypatch, trained, capsys)
     assert kwargs == {"host": "127.0.0.1", "port": 8123, "log_level": "info", "limit_concurrency": 4}
     assert app.state.threshold == 0.5
     assert "threshold 0.5000" in capsys.readouterr().out
-
-
-def test_cli_defaults_are_the_library_defaults():
-    assert serve_cli.DEFAULT_MAX_UPLOAD_MB == serve.DEFAULT_MAX_UPLOAD_MB
-    assert serve_cli.DEFAULT_MAX_MEGAPIXELS == serve.DEFAULT_MAX_MEGAPIXELS

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from efficientad.errors import EfficientADError
-from efficientad.synthetic import DEFECT_TYPES, _sample, make_dataset
+from efficientad.data.synthetic import DEFECT_TYPES, _sample, make_dataset
 
 # Small images keep the suite fast; the geometry scales with size, so the checks carry over.
 SIZE = 96

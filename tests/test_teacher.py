@@ -4,10 +4,10 @@ import warnings
 import pytest
 import torch
 
-from efficientad import teacher as teacher_module
+from efficientad.training import teacher as teacher_module
 from efficientad.errors import EfficientADError
 from efficientad.networks import pdn
-from efficientad.teacher import OfficialTeacher, load_teacher_file, resolve_teacher
+from efficientad.training.teacher import OfficialTeacher, load_teacher_file, resolve_teacher
 
 from .conftest import SHARED, requires_shared
 
@@ -108,12 +108,12 @@ def test_unreachable_download_says_what_to_do(monkeypatch, tmp_path):
     fake = OfficialTeacher("s", (tmp_path / "absent.pth").as_uri(), "0" * 64, "teacher_small.pth")
     monkeypatch.setitem(teacher_module.OFFICIAL_TEACHERS, "small", fake)
     monkeypatch.setenv("EFFICIENTAD_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(EfficientADError, match="--teacher PATH"):
+    with pytest.raises(EfficientADError, match="pass its path as the teacher"):
         resolve_teacher("small", "s", progress=False)
 
 
 def test_official_teacher_size_must_match():
-    with pytest.raises(EfficientADError, match="--model-size s"):
+    with pytest.raises(EfficientADError, match="use model size 's'"):
         resolve_teacher("small", "m")
 
 

@@ -7,3 +7,9 @@ class EfficientADError(ValueError):
     The CLI prints its message as a one-line error; the Python API lets it propagate. It derives
     from ``ValueError`` so that callers who validate arguments the scikit-learn way can catch that.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a third-party error's message, or its type when the message is empty."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

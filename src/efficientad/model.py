@@ -1,40 +1,83 @@
-"""EfficientAD as one torch module, and the model file that stores it.
+"""EfficientAD as one torch module, THE map formula, and the model file that stores it.
 
 :class:`EfficientADModel` holds the frozen teacher, the student, the autoencoder and everything
 learned besides weights (the teacher's per-channel mean/std and the four map quantiles) as buffers,
 so ``state_dict()`` is the whole learned state.
 
-Anomaly maps, as in the paper (section 3.4 and the reference reproduction):
+Anomaly maps, as in the paper (section 3.4 and the reference reproduction), each step written once
+here and used by calibration, prediction and the fused deployment module alike:
 
-- local map  = channel mean of ``(teacher_norm - student[:, :384])**2``
-- global map = channel mean of ``(autoencoder - student[:, 384:])**2``
-- each mapped linearly so that its validation quantile q0.9 -> 0 and q0.995 -> 0.1
-- combined   = their mean, padded by 4 pixels per side, resized bilinearly to the image size;
-  the image score is the combined map's maximum.
+- raw maps (:meth:`EfficientADModel.raw_maps`): local = channel mean of
+  ``(teacher_norm - student[:, :384])**2``, global = channel mean of ``(autoencoder - student[:, 384:])**2``
+- :func:`normalize_maps`: each mapped linearly so that its validation quantile q0.9 -> 0 and
+  q0.995 -> 0.1 (:class:`MapQuantiles`), and combined = their mean
+- :func:`to_image_grid`: padded by 4 pixels per side, resized bilinearly
+- :func:`image_scores`: the image score is the combined map's maximum at the model's image size.
+  Maps shown at an image's own size are for display and pixel metrics; the score, and so the
+  threshold calibrated on it, never depends on the size of the uploaded image.
 """
 
 from __future__ import annotations
 
 import os
-import platform
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
-from .data import IMAGENET_MEAN, IMAGENET_STD
-from .errors import EfficientADError
+from .data.images import IMAGENET_MEAN, IMAGENET_STD
+from .errors import EfficientADError, first_line
+from .files import atomic_save, versions
 from .networks import TEACHER_CHANNELS, autoencoder, check_image_size, pdn, pdn_output_side
 
 MODEL_FORMAT = "efficientad-model"
 MODEL_FORMAT_VERSION = 1
 # Unpadded PDNs lose 4 pixels of border per side at the 1/4 grid; padding restores that grid.
 MAP_PADDING = 4
+# The normalised value of a map's upper quantile: 0 is typical of normal images, 0.1 their rare extreme.
+NORMALIZED_HIGH = 0.1
+
+
+class MapQuantiles(NamedTuple):
+    """The validation quantiles that normalise the two maps (q0.9 -> 0, q0.995 -> 0.1)."""
+
+    local_start: float
+    local_end: float
+    global_start: float
+    global_end: float
+
+
+def map_scale(quantiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-map ``gain`` and ``offset``, each (1, 2, 1, 1), with ``gain * raw + offset`` the normalised map.
+
+    ``0.1 * (raw - start) / (end - start)`` written as one multiply-add, computed in float64 so that
+    folding it into a deployed graph loses nothing.
+    """
+    q = MapQuantiles(*quantiles.double().unbind())
+    gain = torch.stack([NORMALIZED_HIGH / (q.local_end - q.local_start), NORMALIZED_HIGH / (q.global_end - q.global_start)])
+    offset = -torch.stack([q.local_start, q.global_start]) * gain
+    if not torch.isfinite(gain).all() or (gain <= 0).any():
+        raise EfficientADError("the model's map quantiles are degenerate (q0.995 <= q0.9)")
+    return gain.float().view(1, 2, 1, 1), offset.float().view(1, 2, 1, 1)
+
+
+def normalize_maps(raw: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Raw (local, global) maps (N, 2, h, w) to normalised (combined, local, global) maps (N, 3, h, w)."""
+    maps = raw.float() * gain + offset
+    return torch.cat([maps.mean(dim=1, keepdim=True), maps], dim=1)
+
+
+def to_image_grid(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pad feature-grid maps by 4 pixels per side and resize them bilinearly to ``size``."""
+    padded = F.pad(maps, (MAP_PADDING,) * 4)
+    return F.interpolate(padded, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def image_scores(maps: torch.Tensor) -> torch.Tensor:
+    """Scores (N,): the maximum of the combined map (channel 0) at the model's image size."""
+    return maps[:, 0].amax(dim=(1, 2))
 
 
 class EfficientADModel(nn.Module):
@@ -79,68 +122,26 @@ class EfficientADModel(nn.Module):
     def teacher_features(self, normalized_images: torch.Tensor) -> torch.Tensor:
         return (self.teacher(normalized_images) - self.teacher_mean) / self.teacher_std
 
-    def raw_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Un-normalised (local, global) maps at the feature grid, each (N, 1, h, w)."""
+    def raw_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Un-normalised (local, global) maps at the feature grid, (N, 2, h, w)."""
         x = self.normalize_input(images)
         teacher = self.teacher_features(x)
         student = self.student(x)
         reconstruction = self.autoencoder(x)
         local = (teacher - student[:, :TEACHER_CHANNELS]).pow(2).mean(dim=1, keepdim=True)
         global_ = (reconstruction - student[:, TEACHER_CHANNELS:]).pow(2).mean(dim=1, keepdim=True)
-        return local, global_
+        return torch.cat([local, global_], dim=1)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normalised (combined, local, global) maps at the feature grid, each (N, 1, h, w)."""
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised (combined, local, global) maps at the model's image size, (N, 3, H, W).
+
+        The plain, unfused transcription of the method; deployment runs
+        :class:`~efficientad.deploy.fused.FusedModel`, which computes the same.
+        """
         if not self.is_calibrated:
             raise EfficientADError("the model has no map quantiles yet: train (fit) it before predicting")
-        local, global_ = self.raw_maps(images)
-        q = self.map_quantiles
-        local = 0.1 * (local - q[0]) / (q[1] - q[0])
-        global_ = 0.1 * (global_ - q[2]) / (q[3] - q[2])
-        return 0.5 * local + 0.5 * global_, local, global_
-
-
-def to_image_grid(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Pad feature-grid maps by 4 pixels per side and resize them bilinearly to ``size``."""
-    padded = F.pad(maps, (MAP_PADDING,) * 4)
-    return F.interpolate(padded, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def versions() -> dict[str, str]:
-    import numpy
-    import torchvision
-
-    return {
-        "efficientad": __version__,
-        "torch": str(torch.__version__),  # TorchVersion would not load with weights_only=True
-        "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
-    """Let ``write`` fill a temporary file beside ``path``, then rename it: no partial file on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        # mkstemp creates owner-only files; give the result the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` without ever leaving a partial file at ``path``."""
-    return atomic_write(path, lambda temporary: torch.save(obj, temporary))
+        gain, offset = map_scale(self.map_quantiles)
+        return to_image_grid(normalize_maps(self.raw_maps(images), gain, offset), self.image_size)
 
 
 def save_model(model: EfficientADModel, path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
@@ -181,7 +182,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     try:
         content = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for truncated, corrupt or pickled-code files
-        raise EfficientADError(f"cannot read model file {path} (corrupt or not a model file): {str(error).splitlines()[0]}") from None
+        raise EfficientADError(f"cannot read model file {path} (corrupt or not a model file): {first_line(error)}") from None
     check_format(
         content, path, MODEL_FORMAT, MODEL_FORMAT_VERSION,
         "is not an efficientad model file (a teacher or another checkpoint?)",

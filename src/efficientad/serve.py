@@ -1,5 +1,9 @@
 """HTTP serving: :func:`create_app` builds a FastAPI app that scores uploaded images with one model.
 
+The model is an :class:`~efficientad.deploy.inferencer.Inferencer`: a ``model.pt`` or an ONNX,
+TorchScript or OpenVINO export, scored by the same path as ``efficientad predict``. Nothing here
+imports the training code.
+
 Endpoints: ``POST /predict`` (an image as the multipart field ``file`` or as the raw request body;
 ``?heatmap=png`` returns the heat-map overlay instead of JSON), ``GET /health``, ``GET /model``,
 ``GET /`` (a page to drop an image on) and FastAPI's ``/docs`` and ``/openapi.json``.
@@ -21,6 +25,7 @@ their rare extreme.
 from __future__ import annotations
 
 import asyncio
+import copy
 import io
 import os
 import time
@@ -37,8 +42,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from . import __version__
-from .data import read_image
-from .detector import EfficientAD, Prediction
+from .config import SERVE_MAX_MEGAPIXELS, SERVE_MAX_UPLOAD_MB
+from .data.images import read_image
+from .deploy.inferencer import Inferencer, Prediction
 from .errors import EfficientADError
 from .visualize import display_range, overlay
 
@@ -47,8 +53,6 @@ from .visualize import display_range, overlay
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 # Leading bytes of those formats: an upload that starts like one but does not open is corrupt, not foreign.
 SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
-DEFAULT_MAX_UPLOAD_MB = 20.0
-DEFAULT_MAX_MEGAPIXELS = 40.0
 UPLOAD_FIELD = "file"
 
 
@@ -178,27 +182,29 @@ def score_headers(result: PredictResponse) -> dict[str, str]:
     }
 
 
-def model_info(detector: EfficientAD, threshold: float | None, overridden: bool) -> dict[str, Any]:
-    """What ``GET /model`` answers: the model file's configuration, threshold and training record."""
-    metadata = detector.metadata_
-    config = metadata.get("config") or {}
-    training = metadata.get("training") or {}
+def model_info(inferencer: Inferencer, threshold: float | None, overridden: bool) -> dict[str, Any]:
+    """What ``GET /model`` answers: the model's configuration, threshold and training record."""
+    trained = inferencer.metadata.get("model") or {}
+    config = trained.get("config") or {}
+    training = trained.get("training") or {}
     return {
-        "model_size": detector.model_size,
-        "image_size": list(detector.image_size),
+        "model_size": inferencer.metadata.get("model_size"),
+        "image_size": list(inferencer.image_size),
+        "file_format": inferencer.format,
+        "precision": inferencer.precision,
         "threshold": threshold,
         "threshold_source": "override" if overridden else "model file",
-        "model_file_threshold": metadata.get("threshold"),
+        "model_file_threshold": inferencer.metadata.get("threshold"),
         "false_positive_rate": config.get("false_positive_rate"),
-        "teacher_source": metadata.get("teacher_source"),
+        "teacher_source": trained.get("teacher_source"),
         "training_seconds": training.get("total_seconds"),
-        "n_train_images": metadata.get("n_train_images"),
-        "n_validation_images": metadata.get("n_validation_images"),
-        "metrics": metadata.get("metrics"),
+        "n_train_images": trained.get("n_train_images"),
+        "n_validation_images": trained.get("n_validation_images"),
+        "metrics": trained.get("metrics"),
         "config": config,
-        "calibration": metadata.get("calibration"),
-        "versions": metadata.get("versions"),
-        "device": str(detector.device),
+        "calibration": trained.get("calibration"),
+        "versions": trained.get("versions"),
+        "device": str(getattr(inferencer.session, "device", "cpu")),
         "server_version": __version__,
     }
 
@@ -209,29 +215,39 @@ def index_page() -> str:
 
 
 def create_app(
-    model: str | os.PathLike | EfficientAD,
+    model: str | os.PathLike | Inferencer,
     *,
     device: str = "cpu",
+    precision: str | None = None,
     threshold: float | None = None,
-    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+    max_upload_mb: float = SERVE_MAX_UPLOAD_MB,
+    max_megapixels: float = SERVE_MAX_MEGAPIXELS,
 ) -> FastAPI:
     """Build the serving app around one model.
 
-    ``model`` is a model file written by ``efficientad train`` (loaded now, onto ``device``) or a
-    trained :class:`EfficientAD`, which is used as it is (``device`` is then ignored and its own
-    threshold is left untouched). ``threshold`` overrides the model file's decision threshold for
-    this app (see the module docstring for what that threshold is). Uploads over ``max_upload_mb``
-    megabytes or ``max_megapixels`` million pixels are refused with 413.
+    ``model`` is a model file (``model.pt`` or an export; loaded now, onto ``device``, in
+    ``precision``, by default the one it was calibrated in) or an :class:`Inferencer`, used as it is
+    (``device`` and ``precision`` are then ignored, and its own threshold is left untouched).
+    ``threshold`` overrides the model's decision threshold for this app (see the module docstring
+    for what that threshold is). Uploads over ``max_upload_mb`` megabytes or ``max_megapixels``
+    million pixels are refused with 413.
     """
     if max_upload_mb <= 0:
         raise EfficientADError(f"max_upload_mb must be > 0, got {max_upload_mb}")
     if max_megapixels <= 0:
         raise EfficientADError(f"max_megapixels must be > 0, got {max_megapixels}")
-    detector = model if isinstance(model, EfficientAD) else EfficientAD.load(model, device=device)
-    if detector.model_ is None:
-        raise EfficientADError("create_app needs a trained EfficientAD (call fit() or EfficientAD.load() first)")
-    decision_threshold = detector.threshold if threshold is None else float(threshold)
+    if isinstance(model, Inferencer):
+        # A shallow copy shares the loaded session; its threshold is this app's alone.
+        inferencer = copy.copy(model)
+    elif not isinstance(model, (str, os.PathLike)):
+        raise EfficientADError(
+            f"model must be a model file or an Inferencer, got {type(model).__name__} (an EfficientAD serves as its .inferencer)"
+        )
+    else:
+        inferencer = Inferencer.load(model, precision=precision, device=device)
+    if threshold is not None:
+        inferencer.threshold = float(threshold)
+    decision_threshold = inferencer.threshold
     max_bytes = int(max_upload_mb * 1e6)
     max_pixels = int(max_megapixels * 1e6)
     page = index_page()
@@ -240,13 +256,13 @@ def create_app(
     started_at = time.time()
 
     async def infer(image: Image.Image) -> Prediction:
-        (prediction,) = await asyncio.get_running_loop().run_in_executor(worker, detector.predict, image)
+        (prediction,) = await asyncio.get_running_loop().run_in_executor(worker, inferencer.predict, image)
         return prediction
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # The first forward pass pays for lazy initialisation; pay it before the first client does.
-        height, width = detector.image_size
+        height, width = inferencer.image_size
         await infer(Image.new("RGB", (width, height)))
         yield
 
@@ -257,7 +273,7 @@ def create_app(
         "verdict and heat map. The verdict compares the score with the decision threshold (see GET /model).",
         lifespan=lifespan,
     )
-    app.state.detector = detector
+    app.state.inferencer = inferencer
     app.state.threshold = decision_threshold
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -270,7 +286,7 @@ def create_app(
 
     @app.get("/model", summary="the model: configuration, image size, threshold, teacher, training record")
     async def describe_model() -> dict[str, Any]:
-        return model_info(detector, decision_threshold, threshold is not None)
+        return model_info(inferencer, decision_threshold, threshold is not None)
 
     @app.post(
         "/predict",
@@ -310,7 +326,7 @@ def create_app(
         prediction = await infer(image)
         result = PredictResponse(
             score=prediction.score,
-            is_anomalous=None if decision_threshold is None else prediction.score > decision_threshold,
+            is_anomalous=prediction.is_anomalous,
             threshold=decision_threshold,
             local_score=prediction.local_score,
             global_score=prediction.global_score,

@@ -6,6 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from ..choices import BACKEND_PRECISIONS, BACKENDS, MODEL_SIZES
+from ..config import BENCH_BATCH_SIZE, BENCH_RUNS, BENCH_WARMUP, TrainConfig, default
+from .options import add_device_option, image_size
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -17,22 +21,26 @@ def register(subparsers) -> None:
         "(and --model) it also measures the accuracy change against float32 PyTorch on that test set. "
         "The process CPU time and load average are recorded beside wall times, to spot a busy machine.",
     )
-    parser.add_argument("--model-size", choices=("s", "m"), default="s", help="EfficientAD-S or -M, without --model (default: s)")
+    parser.add_argument(
+        "--model-size", choices=MODEL_SIZES, default=default(TrainConfig, "model_size"), help="EfficientAD-S or -M, without --model (default: %(default)s)"
+    )
     parser.add_argument("--model", default=None, help="model file (default: random weights)")
-    parser.add_argument("--image-size", type=int, nargs="+", default=[256], metavar="N", help="N or H W, without --model (default: 256)")
-    parser.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch", help="(default: torch)")
+    parser.add_argument(
+        "--image-size", type=int, nargs="+", default=list(default(TrainConfig, "image_size")), metavar="N", help="N or H W, without --model (default: %(default)s)"
+    )
+    parser.add_argument("--backend", choices=BACKENDS, default=BACKENDS[0], help="(default: %(default)s)")
     parser.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16", "int8"),
+        choices=sorted({p for precisions in BACKEND_PRECISIONS.values() for p in precisions}),
         default="fp32",
         help="torch: fp32, bf16, fp16 (CUDA); onnxruntime: fp32, int8; openvino: all four. int8 (static "
         "quantisation calibrated on --data's training images) is here to be measured, not used: it cost 5-8 "
         "image AUROC points on MVTec AD bottle (default: fp32)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--batch-size", type=int, default=8, help="batch size of the throughput measurement (default: 8)")
-    parser.add_argument("--runs", type=int, default=50, help="timed batch-1 forwards (default: 50)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed forwards first (default: 10)")
+    add_device_option(parser)
+    parser.add_argument("--batch-size", type=int, default=BENCH_BATCH_SIZE, help="batch size of the throughput measurement (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=BENCH_RUNS, help="timed batch-1 forwards (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=BENCH_WARMUP, help="untimed forwards first (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: every usable core)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the torch backend (minutes to compile)")
     parser.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs (torch backend on CUDA)")
@@ -43,7 +51,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import bench, load_calibration_set, load_test_set
+    from ..config import parse_image_size
+    from ..deploy.speed import bench, load_calibration_set, load_test_set
     from ..errors import EfficientADError
     from ..model import load_model
 
@@ -51,15 +60,13 @@ def run(args: argparse.Namespace) -> int:
         raise EfficientADError("--data and --category go together")
     if args.data is not None and args.model is None:
         raise EfficientADError("accuracy on --data needs a trained --model")
-    if len(args.image_size) not in (1, 2):
-        raise EfficientADError(f"--image-size takes N or H W, got {args.image_size}")
-    image_size = (args.image_size[0],) * 2 if len(args.image_size) == 1 else tuple(args.image_size)
+    size = parse_image_size(image_size(args.image_size))
     calibration, test_set = [], None
     if args.data is not None:
-        image_size = load_model(args.model)[0].image_size
+        size = load_model(args.model)[0].image_size
         if args.precision == "int8":
-            calibration = load_calibration_set(args.data, args.category, image_size)
-        images, labels, _ = load_test_set(args.data, args.category, image_size)
+            calibration = load_calibration_set(args.data, args.category, size)
+        images, labels, _ = load_test_set(args.data, args.category, size)
         test_set = (images, labels)
     result = bench(
         args.model_size,
@@ -72,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         args.warmup,
         args.compile,
         args.threads,
-        image_size,
+        size,
         calibration,
         test_set,
         cuda_graphs=args.cuda_graphs,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import signal
 
-from ..benchmark import COLLECTIONS
-from .options import add_training_options, detector_kwargs, show_warnings
+from ..choices import COLLECTIONS
+from .options import add_training_options, show_warnings, training_settings
 
 
 def register(subparsers) -> None:
@@ -18,7 +18,6 @@ def register(subparsers) -> None:
         "OUT/auroc.png. Each category's model, metrics and log go to OUT/CATEGORY/. Resumable: categories "
         "with a finished OUT/CATEGORY/metrics.json are skipped unless --force. A failing category is "
         "reported and the others still run; the exit code is 1 when any failed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--collection",
@@ -51,7 +50,7 @@ def _stop(signum, frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..benchmark import run_benchmark
+    from ..collection.runner import run_benchmark
 
     show_warnings()
     # A scheduler's or `timeout`'s SIGTERM then unwinds like Ctrl-C, which stops the running category.
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         args.collection,
         args.root,
         args.out,
-        detector_kwargs(args),
+        training_settings(args),
         categories=None if args.categories is None else args.categories.split(","),
         force=args.force,
         write_maps=args.write_maps,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..choices import PRECISIONS
+
 DEMO_STEPS = 300
 
 
@@ -23,7 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("--teacher", default=None, metavar="PATH|small|random", help="teacher (default: official if reachable)")
     parser.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
+        choices=PRECISIONS,
         default=None,
         help="training precision (default: bf16 with channels-last where the CPU has native bf16, else fp32)",
     )
@@ -34,7 +36,7 @@ def register(subparsers) -> None:
 
 def choose_teacher(requested: str | None) -> str:
     from ..errors import EfficientADError
-    from ..teacher import fetch_official
+    from ..training.teacher import fetch_official
 
     if requested is not None:
         return requested
@@ -49,14 +51,14 @@ def choose_teacher(requested: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
-    from ..datasets import load_split
+    from ..data.datasets import load_split
+    from ..data.images import read_image
+    from ..data.synthetic import make_dataset
     from ..detector import EfficientAD
-    from ..metrics import image_auroc
-    from ..runlog import write_run_record
-    from ..synthetic import make_dataset
+    from ..device import cpu_supports_bf16
+    from ..evaluation.metrics import image_auroc
+    from ..files import write_run_record
     from ..visualize import display_range, overlay
-    from ..data import read_image
-    from ..inference import cpu_supports_bf16
 
     out = Path(args.out)
     category_dir = make_dataset(out / "data", seed=args.seed)
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         out / "demo.json",
         {
             "teacher": detector.metadata_["teacher_source"],
-            "config": detector.get_config(),
+            "config": detector.config.as_dict(),
             "training": detector.metadata_["training"],
             "metrics": {"image_auroc": auroc},
             "n_test": len(labels),

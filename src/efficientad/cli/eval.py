@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import FORMATS
+from ..choices import DATASET_FORMATS
+from .options import add_inference_options, load_inferencer
 
 SUMMARY_KEYS = (
     ("image_auroc", "image AUROC"),
@@ -25,36 +26,30 @@ def register(subparsers) -> None:
         "Writes DIR/metrics.json, DIR/scores.csv, DIR/anomaly_maps/<type>/<name>.tiff, DIR/report.html "
         "(one self-contained page) and DIR/eval.json. Only test images are read; the model's own "
         "threshold is used as is.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="model file written by `efficientad train`")
     parser.add_argument("--data", required=True, help="dataset root (the folder holding the category folders)")
     parser.add_argument("--category", required=True, help="category folder name, e.g. bottle")
-    parser.add_argument("--format", choices=FORMATS, default="mvtec", help="dataset layout")
+    parser.add_argument("--format", choices=DATASET_FORMATS, default="mvtec", help="dataset layout (default: mvtec)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    add_inference_options(parser)
     parser.add_argument("--no-maps", action="store_true", help="do not write the anomaly maps as TIFF files")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..datasets import load_split
-    from ..detector import EfficientAD
-    from ..errors import EfficientADError
-    from ..evaluate import evaluate
-    from ..runlog import write_run_record
+    from ..data.datasets import load_split
+    from ..evaluation.evaluate import evaluate
+    from ..files import write_run_record
 
-    if args.batch_size < 1:
-        raise EfficientADError(f"--batch-size must be >= 1, got {args.batch_size}")
     split = load_split(args.format, args.data, args.category)
-    detector = EfficientAD.load(args.model, device=args.device)
+    detector = load_inferencer(args)
     out = Path(args.out)
     metrics = evaluate(detector, split, out, write_maps=not args.no_maps, batch_size=args.batch_size)
     write_run_record(
         out / "eval.json",
         {
             "model": str(args.model),
+            "precision": detector.precision,
             "data": {"root": str(args.data), "category": args.category, "format": args.format},
             "metrics": metrics,
         },

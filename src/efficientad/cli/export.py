@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..choices import EXPORT_FORMATS, INPUT_DTYPES
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -11,16 +13,16 @@ def register(subparsers) -> None:
         help="export a trained model to ONNX, TorchScript or OpenVINO",
         description="Export the whole inference path (normalisation, networks, maps, resize, score) of a model "
         "file. The exported file embeds the image size, input dtype and threshold; load it with "
-        "efficientad.inferencer.Inferencer. Input: 'images' (N, 3, H, W) RGB; outputs: score (N,), anomaly_map, "
+        "efficientad.Inferencer (or serve it with `efficientad serve --model FILE`). Input: 'images' (N, 3, H, W) RGB; outputs: score (N,), anomaly_map, "
         "local_map, global_map (N, 1, H, W).",
     )
     parser.add_argument("--model", required=True, help="model file written by `efficientad train`")
-    parser.add_argument("--format", required=True, metavar="onnx|torchscript|openvino", help="export format")
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="export format")
     parser.add_argument("--out", required=True, help="output file (OpenVINO: NAME.xml, with NAME.bin beside it)")
     parser.add_argument("--threshold", type=float, default=None, help="decision threshold to embed (default: the model's own)")
     parser.add_argument(
         "--input-dtype",
-        choices=("float32", "uint8"),
+        choices=INPUT_DTYPES,
         default="float32",
         help="float32 (default) takes images in [0, 1]; uint8 takes raw bytes and folds the /255 into the graph",
     )
@@ -29,11 +31,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import EfficientADError
-    from ..export import EXPORT_FORMATS, export_model
+    from ..deploy.formats import export_model
 
-    if args.format not in EXPORT_FORMATS:
-        raise EfficientADError(f"unknown export format {args.format!r} (expected one of: {', '.join(EXPORT_FORMATS)})")
     path = export_model(
         args.model,
         args.format,
@@ -42,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
         output_size=None if args.output_size is None else tuple(args.output_size),
         input_dtype=args.input_dtype,
     )
-    print(f"wrote {path}")
+    print(f"wrote {path} (checked: it reproduces the model's scores)")
     return 0

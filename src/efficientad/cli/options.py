@@ -1,71 +1,126 @@
-"""Options shared by the commands that train (train, demo, benchmark)."""
+"""Options shared by several commands. Defaults come from :mod:`efficientad.config`, never restated here.
+
+Training options default to ``None`` and only what the user set is passed on, so the library's
+defaults (the paper's) apply; the help texts show them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 from typing import Any
 
-FORMATS = ("mvtec", "loco", "visa", "folder")
+from ..choices import MODEL_SIZES, PRECISIONS
+from ..config import TrainConfig, default
 
 
-def add_training_options(parser: argparse.ArgumentParser, steps: int = 70_000) -> None:
+def image_size(value: list[int]) -> int | tuple[int, int]:
+    """``--image-size N`` or ``H W``; a third value is refused, not ignored."""
+    from ..errors import EfficientADError
+
+    if len(value) not in (1, 2):
+        raise EfficientADError(f"--image-size takes N or H W, got {len(value)} values: {' '.join(map(str, value))}")
+    return value[0] if len(value) == 1 else (value[0], value[1])
+
+
+def add_device_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+
+
+def add_training_options(parser: argparse.ArgumentParser, steps_help: str | None = None) -> None:
+    def shown(name: str) -> str:
+        value = default(TrainConfig, name)
+        return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
     group = parser.add_argument_group("training (defaults are the paper's)")
-    group.add_argument("--model-size", choices=("s", "m"), default="s", help="EfficientAD-S or -M (default: s)")
+    group.add_argument("--model-size", choices=MODEL_SIZES, help=f"EfficientAD-S or -M (default: {shown('model_size')})")
     group.add_argument(
         "--teacher",
-        default=None,
         metavar="small|medium|random|PATH",
         help="teacher weights: 'small'/'medium' download the official ones (SHA-256 pinned, cached), "
         "PATH loads a local file (reference, anomalib or `efficientad pretrain` layout), 'random' is "
-        "for testing only. Default: the official teacher of --model-size",
+        "for testing only (default: the official teacher of --model-size)",
     )
     group.add_argument(
         "--penalty-images",
-        default=None,
         metavar="DIR",
-        help="folder of ImageNet-like images for the student's penalty loss; without it the penalty is off",
+        help="folder of ImageNet-like images for the student's penalty loss (default: none, the penalty is off)",
     )
-    group.add_argument("--steps", type=int, default=steps, help=f"training steps (default: {steps:,})")
-    group.add_argument("--batch-size", type=int, default=1, help="images per step (default: 1)")
-    group.add_argument("--image-size", type=int, nargs="+", default=[256], metavar="N", help="N or H W (default: 256)")
-    group.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="(default: fp32)")
+    group.add_argument("--steps", type=int, help=steps_help or f"training steps (default: {shown('steps')})")
+    group.add_argument("--batch-size", type=int, help=f"images per step (default: {shown('batch_size')})")
+    group.add_argument("--learning-rate", type=float, help=f"Adam learning rate (default: {shown('learning_rate')})")
+    group.add_argument("--image-size", type=int, nargs="+", metavar="N", help=f"N or H W (default: {shown('image_size')})")
+    group.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="arithmetic of training, calibration and later prediction; bf16 needs a CPU with native bf16 "
+        f"(AVX-512 BF16/AMX) or a GPU, fp16 a GPU (default: {shown('precision')})",
+    )
     group.add_argument(
         "--channels-last",
         action="store_true",
+        default=None,
         help="channels-last memory layout for the convolutions (faster with bf16 on AVX-512 CPUs)",
     )
-    group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    group.add_argument("--seed", type=int, default=0, help="seed for the split, sampling and init (default: 0)")
+    add_device_option(group)
+    group.add_argument("--seed", type=int, help=f"seed for the split, sampling and init (default: {shown('seed')})")
     group.add_argument(
         "--false-positive-rate",
         type=float,
-        default=0.01,
-        help="the default decision threshold lets this fraction of held-out good images through (default: 0.01)",
+        help="the decision threshold lets this fraction of held-out good images through "
+        f"(default: {shown('false_positive_rate')})",
     )
 
 
-def detector_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    image_size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size[:2])
-    return {
-        "model_size": args.model_size,
-        "image_size": image_size,
-        "teacher": args.teacher,
-        "penalty_images": args.penalty_images,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "precision": args.precision,
-        "channels_last": args.channels_last,
-        "device": args.device,
-        "seed": args.seed,
-        "false_positive_rate": args.false_positive_rate,
-    }
+TRAINING_OPTIONS = (
+    "model_size", "teacher", "penalty_images", "steps", "batch_size", "learning_rate",
+    "precision", "channels_last", "seed", "false_positive_rate",
+)
+
+
+def training_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``TrainConfig`` fields the user set, plus ``device``: ``EfficientAD(**training_settings(args))``."""
+    settings = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
+    if args.image_size is not None:
+        settings["image_size"] = image_size(args.image_size)
+    return {**settings, "device": args.device}
 
 
 def show_warnings() -> None:
-    """Print library warnings as one visible line each, not as Python's two-line source dump."""
+    """Print library warnings as one visible line each, on a line of their own (not onto a progress bar)."""
 
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"WARNING: {message}", flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(f"WARNING: {message}", file=sys.stderr)
 
     warnings.showwarning = show
+
+
+def add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --backend, --precision, --device and --batch-size of the commands that score images."""
+    from ..choices import BACKENDS
+    from ..config import PREDICT_BATCH_SIZE
+
+    parser.add_argument("--model", required=True, help="model file written by `efficientad train`, or an export of one")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, help="runtime for a model.pt (default: torch; an export runs on its own runtime)"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="default: the precision the model was calibrated in where this machine runs it natively, else fp32",
+    )
+    add_device_option(parser)
+    parser.add_argument("--batch-size", type=int, default=PREDICT_BATCH_SIZE, help="images per forward pass (default: %(default)s)")
+
+
+def load_inferencer(args: argparse.Namespace):
+    """The :class:`~efficientad.deploy.inferencer.Inferencer` that ``add_inference_options`` describes."""
+    from ..deploy.inferencer import Inferencer
+    from ..errors import EfficientADError
+
+    if args.batch_size < 1:
+        raise EfficientADError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return Inferencer.load(args.model, backend=args.backend, precision=args.precision, device=args.device)

@@ -7,6 +7,8 @@ import csv
 import sys
 from pathlib import Path
 
+from .options import add_inference_options, load_inferencer
+
 THRESHOLD_HELP = (
     "decision threshold on the image score (default: the model's own, the score that 1%% of its held-out "
     "good validation images exceed, or the --false-positive-rate chosen at training)"
@@ -20,14 +22,11 @@ def register(subparsers) -> None:
         description="Score images with a model file. Writes DIR/scores.csv (path, score, is_anomalous, "
         "local and global scores, overlay file), DIR/overlays/*.png (heat maps over the images) and "
         "DIR/predict.json. Unreadable files and empty folders are reported and skipped; the exit code is then 1.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders (searched recursively)")
-    parser.add_argument("--model", required=True, help="model file written by `efficientad train`")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--threshold", type=float, default=None, help=THRESHOLD_HELP)
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_inference_options(parser)
     parser.add_argument("--no-overlays", action="store_true", help="write scores only")
     parser.set_defaults(handler=run)
 
@@ -38,7 +37,7 @@ def expand_inputs(inputs: list[str], exclude: Path) -> tuple[list[tuple[Path, Pa
     Overlays mirror each image's path below the folder it was found in, so ``test/crack/000.png`` and
     ``test/good/000.png`` stay apart; the output folder itself is never searched (re-runs).
     """
-    from ..data import list_images
+    from ..data.images import list_images
     from ..errors import EfficientADError
 
     exclude = exclude.resolve()
@@ -60,15 +59,12 @@ def expand_inputs(inputs: list[str], exclude: Path) -> tuple[list[tuple[Path, Pa
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..data import read_image
-    from ..detector import EfficientAD
+    from ..data.images import read_image
     from ..errors import EfficientADError
-    from ..runlog import write_run_record
+    from ..files import write_run_record
     from ..visualize import display_range, overlay
 
-    if args.batch_size < 1:
-        raise EfficientADError(f"--batch-size must be >= 1, got {args.batch_size}")
-    detector = EfficientAD.load(args.model, device=args.device)
+    detector = load_inferencer(args)
     if args.threshold is not None:
         detector.threshold = args.threshold
     out = Path(args.out)
@@ -115,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         out / "predict.json",
         {
             "model": str(args.model),
+            "precision": detector.precision,
             "threshold": detector.threshold,
             "n_images": n_scored,
             "n_anomalous": n_anomalous,

@@ -4,7 +4,28 @@ from __future__ import annotations
 
 import argparse
 
-from ..backbones import BACKBONES
+from ..choices import BACKBONES, MODEL_SIZES
+from ..config import PretrainConfig, default
+
+# (flag, PretrainConfig field, type, metavar, help); each help gets the field's default appended.
+SETTINGS = (
+    ("--model-size", "model_size", str, None, "PDN size of the teacher"),
+    ("--steps", "steps", int, "N", "optimisation steps"),
+    ("--batch-size", "batch_size", int, "N", "images per step"),
+    ("--learning-rate", "learning_rate", float, "LR", "Adam learning rate"),
+    ("--weight-decay", "weight_decay", float, "WD", "Adam weight decay"),
+    ("--grayscale", "grayscale", float, "P", "probability of a grayscale sample"),
+    ("--image-size", "image_size", int, "N", "PDN input side; the backbone sees twice that"),
+    ("--normalization-images", "normalization_images", int, "N", "samples measuring the target's mean/std"),
+    ("--validation-images", "validation_images", int, "N", "images held out, at most"),
+    ("--validate-every", "validate_every", int, "N", "steps between validations"),
+    ("--checkpoint-every", "checkpoint_every", int, "N", "steps between saves of OUT.ckpt (0: none)"),
+    ("--time-budget", "time_budget", float, "SECONDS", "stop after this wall-clock time, statistics pass included"),
+    ("--precision", "precision", str, None, "fp32, or bf16 autocast for the forward passes"),
+    ("--workers", "workers", int, "N", "image loading processes (None: CPUs-1, at most 8)"),
+    ("--seed", "seed", int, "N", "seed for the split, sampling, augmentation and init"),
+)
+CHOICES = {"model_size": MODEL_SIZES, "precision": ("fp32", "bf16")}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,11 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "layer2+layer3 patch features (at twice its input size) on the images of a folder. "
             "Writes OUT (a teacher for `efficientad train --teacher OUT`), OUT.ckpt and pretrain.json."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--images", required=True, metavar="DIR", help="folder of images, searched recursively")
     parser.add_argument("--out", required=True, metavar="PATH", help="teacher file to write, e.g. teacher.pth")
-    parser.add_argument("--backbone", default="wide_resnet101_2", choices=list(BACKBONES), help="torchvision backbone")
+    parser.add_argument(
+        "--backbone", choices=list(BACKBONES), help=f"torchvision backbone (default: {default(PretrainConfig, 'backbone')})"
+    )
     parser.add_argument(
         "--backbone-weights",
         required=True,
@@ -29,61 +51,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torchvision state_dict of the backbone (layers after layer3 may be missing), "
         "or 'imagenet' to download torchvision's weights",
     )
-    parser.add_argument("--model-size", default="s", choices=["s", "m"], help="PDN size of the teacher")
-    parser.add_argument("--steps", type=int, default=60_000, help="optimisation steps")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per step")
-    parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    parser.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay")
-    parser.add_argument("--grayscale", type=float, default=0.1, metavar="P", help="probability of a grayscale sample")
-    parser.add_argument("--image-size", type=int, default=256, help="PDN input side; the backbone sees twice that")
-    parser.add_argument(
-        "--normalization-images", type=int, default=10_000, metavar="N", help="samples measuring the target's mean/std"
-    )
-    parser.add_argument("--validation-images", type=int, default=32, metavar="N", help="images held out, at most")
-    parser.add_argument("--validate-every", type=int, default=1000, metavar="N", help="steps between validations")
-    parser.add_argument(
-        "--checkpoint-every", type=int, default=1000, metavar="N", help="steps between saves of OUT.ckpt (0: none)"
-    )
+    for flag, name, kind, metavar, text in SETTINGS:
+        parser.add_argument(
+            flag, dest=name, type=kind, metavar=metavar, choices=CHOICES.get(name),
+            help=f"{text} (default: {default(PretrainConfig, name)})",
+        )
     parser.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
-    parser.add_argument(
-        "--time-budget", type=float, default=None, metavar="SECONDS", help="stop after this wall-clock time"
-    )
-    parser.add_argument("--seed", type=int, default=42, help="seed for the split, sampling, augmentation and init")
-    parser.add_argument("--device", default=None, help="cpu or cuda; None: cuda when available")
-    parser.add_argument("--bf16", action="store_true", help="run forward passes under bfloat16 autocast")
-    parser.add_argument("--workers", type=int, default=None, help="image loading processes; None: CPUs-1, max 8")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``efficientad pretrain`` with parsed arguments; returns the exit code."""
-    from ..pretrain import pretrain_teacher
+    from ..training.pretrain import pretrain_teacher
 
-    result = pretrain_teacher(
-        args.images,
-        args.out,
-        backbone=args.backbone,
-        backbone_weights=args.backbone_weights,
-        model_size=args.model_size,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        grayscale=args.grayscale,
-        image_size=args.image_size,
-        normalization_images=args.normalization_images,
-        validation_images=args.validation_images,
-        validate_every=args.validate_every,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        time_budget=args.time_budget,
-        seed=args.seed,
-        device=args.device,
-        bf16=args.bf16,
-        workers=args.workers,
-        progress=not args.quiet,
-    )
+    names = ("backbone", "backbone_weights", *(name for _, name, *_ in SETTINGS))
+    settings = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    result = pretrain_teacher(args.images, args.out, device=args.device, resume=args.resume, progress=not args.quiet, **settings)
     stopped = " (time budget reached)" if result.stopped_by == "time_budget" else ""
     print(
         f"wrote {result.out}: {result.steps} steps{stopped}, validation loss {result.validation_loss:.4f}, "

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 
+from ..choices import PRECISIONS
+from ..config import SERVE_MAX_MEGAPIXELS, SERVE_MAX_UPLOAD_MB
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-# The library's defaults (efficientad.serve), repeated so that `efficientad --help` need not import
-# torch and FastAPI; a test keeps the two equal.
-DEFAULT_MAX_UPLOAD_MB = 20.0
-DEFAULT_MAX_MEGAPIXELS = 40.0
 
 
 def register(subparsers) -> None:
@@ -28,21 +27,24 @@ def register(subparsers) -> None:
         "where 0 is typical of good images and 0.1 is their rare extreme.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="model file written by `efficientad train`")
+    parser.add_argument("--model", required=True, help="model file written by `efficientad train`, or an ONNX/TorchScript/OpenVINO export of one")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, help="default: the model's calibration precision where this machine runs it natively, else fp32"
+    )
     parser.add_argument(
         "--threshold",
         type=float,
         default=None,
         help="decision threshold: scores above it are anomalous; None: the model file's (see above)",
     )
-    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="larger uploads get 413")
+    parser.add_argument("--max-upload-mb", type=float, default=SERVE_MAX_UPLOAD_MB, help="larger uploads get 413")
     parser.add_argument(
         "--max-megapixels",
         type=float,
-        default=DEFAULT_MAX_MEGAPIXELS,
+        default=SERVE_MAX_MEGAPIXELS,
         help="images with more pixels get 413 (checked from the header: decompression bombs are not decoded)",
     )
     parser.add_argument(
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(
         args.model,
         device=args.device,
+        precision=args.precision,
         threshold=args.threshold,
         max_upload_mb=args.max_upload_mb,
         max_megapixels=args.max_megapixels,

@@ -21,7 +21,6 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
@@ -29,47 +28,16 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from tqdm import tqdm
 
-from .data import to_float
-from .errors import EfficientADError
-from .model import EfficientADModel, to_image_grid
-from .networks import TEACHER_CHANNELS
+from ..config import TrainConfig
+from ..data.images import to_float
+from ..device import autocast
+from ..errors import EfficientADError
+from ..model import EfficientADModel
+from ..networks import TEACHER_CHANNELS
+from .penalty import PenaltySource
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 # Above this, per-image teacher features are recomputed each step instead of kept in memory.
 TEACHER_CACHE_LIMIT_BYTES = 4 << 30
-
-
-@dataclass
-class TrainConfig:
-    """Training hyper-parameters; the defaults are the paper's."""
-
-    steps: int = 70_000
-    batch_size: int = 1
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-5
-    lr_drop_fraction: float = 0.95
-    hard_loss_quantile: float = 0.999
-    map_quantile_low: float = 0.9
-    map_quantile_high: float = 0.995
-    false_positive_rate: float = 0.01
-    precision: str = "fp32"
-    seed: int = 0
-    cache_teacher: bool | None = None  # None: when the features fit TEACHER_CACHE_LIMIT_BYTES
-    channels_last: bool = False
-    compile: bool = False  # torch.compile the student trunk and the autoencoder
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise EfficientADError(f"steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise EfficientADError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.precision not in PRECISIONS:
-            raise EfficientADError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not 0.0 < self.false_positive_rate < 1.0:
-            raise EfficientADError(f"false_positive_rate must be in (0, 1), got {self.false_positive_rate}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -105,18 +73,13 @@ def augment_for_autoencoder(images: torch.Tensor, generator: torch.Generator) ->
     return torch.stack(out)
 
 
-def penalty_image(penalty_images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One random penalty image as floats, turned gray with probability 0.3 (the paper's P)."""
+def penalty_image(penalty_images: PenaltySource, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """One random penalty image as floats (1, 3, H, W), turned gray with probability 0.3 (the paper's P)."""
     index = int(torch.randint(len(penalty_images), (1,), generator=generator))
-    image = to_float(penalty_images[index : index + 1])
+    image = to_float(penalty_images[index].unsqueeze(0).to(device))
     if float(torch.rand((), generator=generator)) < 0.3:
         image = TF.rgb_to_grayscale(image, num_output_channels=3)
     return image
-
-
-def autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def _batches(n: int, batch_size: int):
@@ -186,14 +149,15 @@ def train_networks(
     model: EfficientADModel,
     images: torch.Tensor,
     config: TrainConfig,
-    penalty_images: torch.Tensor | None = None,
+    penalty_images: PenaltySource | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict:
     """Train student and autoencoder on uint8 images (N, 3, H, W); returns losses and timings.
 
-    ``penalty_images`` are uint8 (M, 3, H, W) already resized to 2x and centre-cropped; ``None``
-    turns the penalty off. ``on_step(step, losses)`` is called every step with float losses
+    ``penalty_images`` give uint8 (3, H, W) images already resized to 2x and centre-cropped
+    (:class:`~efficientad.training.penalty.PenaltyImages`, or a uint8 tensor); ``None`` turns the
+    penalty off. ``on_step(step, losses)`` is called every step with float losses
     (it forces a device sync, so leave it unset for speed).
     """
     device = model.teacher_mean.device
@@ -202,8 +166,6 @@ def train_networks(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     images = images.to(device)
-    if penalty_images is not None:
-        penalty_images = penalty_images.to(device)
 
     cache = config.cache_teacher
     if cache is None:
@@ -264,7 +226,7 @@ def training_step(
     images: torch.Tensor,
     index: torch.Tensor,
     cached_features: torch.Tensor | None,
-    penalty_images: torch.Tensor | None,
+    penalty_images: PenaltySource | None,
     generator: torch.Generator,
     config: TrainConfig,
     networks: StepNetworks | None = None,
@@ -288,7 +250,7 @@ def training_step(
             teacher_augmented = model.teacher_features(x_augmented).float()
     penalty = []
     if penalty_images is not None:
-        penalty = [model.normalize_input(penalty_image(penalty_images, generator)).contiguous(memory_format=memory_format)]
+        penalty = [model.normalize_input(penalty_image(penalty_images, generator, device)).contiguous(memory_format=memory_format)]
     first_half_inputs = torch.cat([x_clean, *penalty])
     with autocast(device, config.precision):
         # One trunk pass for all images; the last conv computes only the channel half each loss reads.
@@ -309,43 +271,3 @@ def training_step(
 def _conv_channels(conv: torch.nn.Conv2d, x: torch.Tensor, channels: slice) -> torch.Tensor:
     """``conv(x)[:, channels]`` without computing the other output channels."""
     return F.conv2d(x, conv.weight[channels], conv.bias[channels], conv.stride, conv.padding)
-
-
-@torch.no_grad()
-def calibrate(model: EfficientADModel, images: torch.Tensor, config: TrainConfig, batch_size: int = 8) -> dict:
-    """Set the map quantiles from held-out normal images; return their scores and a threshold.
-
-    The threshold is the score that the chosen fraction of validation images
-    (``false_positive_rate``, default 1%) exceeds.
-    """
-    device = model.teacher_mean.device
-    model.eval()
-    locals_, globals_ = [], []
-    for part in _batches(len(images), batch_size):
-        with autocast(device, config.precision):
-            local, global_ = model.raw_maps(to_float(images[part].to(device)))
-        locals_.append(local.float())
-        globals_.append(global_.float())
-    local_maps, global_maps = torch.cat(locals_), torch.cat(globals_)
-    q = [
-        quantile(local_maps, config.map_quantile_low),
-        quantile(local_maps, config.map_quantile_high),
-        quantile(global_maps, config.map_quantile_low),
-        quantile(global_maps, config.map_quantile_high),
-    ]
-    # A degenerate spread (constant maps) would divide by zero; keep the maps finite instead.
-    for start, end in ((0, 1), (2, 3)):
-        q[end] = torch.maximum(q[end], q[start] + 1e-12)
-    model.map_quantiles.copy_(torch.stack(q))
-    low, high = config.map_quantile_low, config.map_quantile_high
-    combined = 0.5 * (0.1 * (local_maps - q[0]) / (q[1] - q[0])) + 0.5 * (0.1 * (global_maps - q[2]) / (q[3] - q[2]))
-    scores = to_image_grid(combined, model.image_size).amax(dim=(1, 2, 3))
-    threshold = float(torch.quantile(scores.cpu(), 1.0 - config.false_positive_rate))
-    return {
-        "map_quantiles": {
-            f"local_q{low}": float(q[0]), f"local_q{high}": float(q[1]),
-            f"global_q{low}": float(q[2]), f"global_q{high}": float(q[3]),
-        },
-        "validation_scores": scores.cpu().tolist(),
-        "threshold": threshold,
-    }

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import EfficientADError
-from .networks import TEACHER_CHANNELS, pdn
+from ..errors import EfficientADError, first_line
+from ..networks import TEACHER_CHANNELS, pdn
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ OFFICIAL_TEACHERS = {
 OFFICIAL_BY_SIZE = {teacher.model_size: name for name, teacher in OFFICIAL_TEACHERS.items()}
 RANDOM_TEACHER_WARNING = (
     "using a randomly initialised teacher: no pretrained features, so accuracy will be clearly lower "
-    "than the paper's. Pass --teacher small|medium (download) or --teacher PATH for real use."
+    "than the paper's. Use teacher 'small'/'medium' (download) or a teacher file for real use."
 )
 
 
@@ -99,7 +99,7 @@ def fetch_official(name: str, progress: bool = True, timeout: float = 30.0) -> P
     except (urllib.error.URLError, OSError) as error:
         raise EfficientADError(
             f"could not download the official {name} teacher ({error}). Offline? Fetch {teacher.url} "
-            f"elsewhere and pass --teacher PATH, or place it at {target}"
+            f"elsewhere and pass its path as the teacher, or place it at {target}"
         ) from None
     finally:
         if os.path.exists(partial):
@@ -146,7 +146,7 @@ def load_teacher_file(path: str | os.PathLike, model_size: str) -> nn.Sequential
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt or pickled-code files
-        raise EfficientADError(f"cannot read teacher file {path}: {str(error).splitlines()[0]}") from None
+        raise EfficientADError(f"cannot read teacher file {path}: {first_line(error)}") from None
     if isinstance(content, dict) and content.get("format") == "efficientad-teacher":
         if content.get("model_size") not in (None, model_size):
             raise EfficientADError(
@@ -184,8 +184,8 @@ def resolve_teacher(spec: str | os.PathLike | None, model_size: str, progress: b
         official = OFFICIAL_TEACHERS[str(spec)]
         if official.model_size != model_size:
             raise EfficientADError(
-                f"--teacher {spec} is a PDN-{official.model_size}; use --model-size {official.model_size} "
-                f"or --teacher {OFFICIAL_BY_SIZE[model_size]}"
+                f"teacher {spec!r} is a PDN-{official.model_size}; use model size {official.model_size!r} "
+                f"or teacher {OFFICIAL_BY_SIZE[model_size]!r}"
             )
         path = fetch_official(str(spec), progress=progress)
         return load_teacher_file(path, model_size), f"official:{spec}"

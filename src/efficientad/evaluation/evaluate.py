@@ -14,19 +14,32 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from .datasets import DefectSpec, Sample, Split, load_defects_config, read_loco_regions, read_mask
-from .detector import EfficientAD
-from .errors import EfficientADError
+from ..config import PREDICT_BATCH_SIZE
+from ..data.datasets import DefectSpec, Sample, Split, load_defects_config, read_loco_regions, read_mask
+from ..errors import EfficientADError
 from .metrics import au_pro, au_spro, f1_max, image_auroc, pixel_auroc, plot_curves
 
 AU_PRO_LIMIT = 0.3
 AU_SPRO_LIMIT = 0.05
 LOCO_SUBSETS = {"logical": "logical_anomalies", "structural": "structural_anomalies"}
 N_EXAMPLES = 4
+
+
+class ScoredImage(Protocol):
+    score: float
+    anomaly_map: Any  # np.ndarray at the image's own size
+
+
+class Predictor(Protocol):
+    """What :func:`evaluate` scores with: an ``EfficientAD``, an ``Inferencer`` or anything alike."""
+
+    threshold: float | None
+
+    def predict(self, images: Sequence[Any], batch_size: int = PREDICT_BATCH_SIZE) -> Sequence[ScoredImage]: ...
 
 
 @dataclass
@@ -92,14 +105,14 @@ class _Extremes:
 
 
 def evaluate(
-    detector: EfficientAD,
+    detector: Predictor,
     split: Split,
     out_dir: str | os.PathLike | None = None,
     *,
     progress: bool = True,
     write_maps: bool = True,
     write_report: bool = True,
-    batch_size: int = 8,
+    batch_size: int = PREDICT_BATCH_SIZE,
 ) -> dict[str, Any]:
     """Run ``detector`` over ``split.test`` and compute image- and pixel-level metrics.
 
@@ -323,8 +336,8 @@ def _write_report(
     curves: dict[str, Any],
     extremes: _Extremes,
 ) -> None:
-    from .data import read_image
-    from .report import Example, write_report
+    from ..data.images import read_image
+    from .html_report import Example, write_report
 
     def example(index: int, anomaly_map: np.ndarray) -> Example:
         sample = split.test[index]

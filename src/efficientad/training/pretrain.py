@@ -29,13 +29,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .backbones import BACKBONES
-from .data import IMAGENET_MEAN, IMAGENET_STD, list_images, read_image, resize_to_tensor
-from .detector import resolve_device
-from .errors import EfficientADError
-from .model import atomic_save, versions
-from .networks import PDN_SPECS, TEACHER_CHANNELS, pdn, pdn_output_side
-from .runlog import write_run_record
+from ..choices import BACKBONES, check_choice
+from ..config import PretrainConfig, make_config
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD, list_images, read_image, resize_to_tensor
+from ..device import autocast as precision_autocast
+from ..device import resolve_device
+from ..errors import EfficientADError, first_line
+from ..files import atomic_save, versions, write_run_record
+from ..networks import TEACHER_CHANNELS, pdn, pdn_output_side
 
 # A sample's two views of one image: at the backbone's side and at the PDN's.
 Views = tuple[torch.Tensor, torch.Tensor]
@@ -98,7 +99,7 @@ def _read_state_dict(weights: str | os.PathLike, name: str) -> dict[str, torch.T
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for foreign or corrupt files
-        raise EfficientADError(f"could not read backbone weights {path}: {str(error).splitlines()[0]}") from None
+        raise EfficientADError(f"could not read backbone weights {path}: {first_line(error)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EfficientADError(f"backbone weights {path} are not a torchvision state_dict (a dict of tensors)")
     return state
@@ -116,8 +117,7 @@ def load_backbone(name: str = "wide_resnet101_2", weights: str | os.PathLike | N
     ignored), ``"imagenet"`` to download torchvision's ImageNet weights, or ``None`` for random
     weights (for tests). Its forward returns the (layer2, layer3) feature maps.
     """
-    if name not in BACKBONES:
-        raise EfficientADError(f"backbone must be one of {', '.join(BACKBONES)}, got {name!r}")
+    check_choice("backbone", name, BACKBONES)
     import torchvision  # deferred: importing it costs a second that `efficientad --help` should not pay
 
     trunk = _Trunk(getattr(torchvision.models, name)(weights=None))
@@ -317,7 +317,7 @@ class PretrainResult:
 
 
 # Settings a resumed run must share with its checkpoint: they fix the data stream and the model.
-_RESUME_KEYS = ("backbone", "model_size", "image_size", "batch_size", "seed", "grayscale", "lr", "weight_decay")
+_RESUME_KEYS = ("backbone", "model_size", "image_size", "batch_size", "seed", "grayscale", "learning_rate", "weight_decay")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -379,27 +379,12 @@ def _validation_loss(
 def pretrain_teacher(
     images: str | os.PathLike,
     out: str | os.PathLike,
+    config: PretrainConfig | None = None,
     *,
-    backbone: str = "wide_resnet101_2",
-    backbone_weights: str | os.PathLike | None = "imagenet",
-    model_size: str = "s",
-    steps: int = 60_000,
-    batch_size: int = 16,
-    lr: float = 1e-4,
-    weight_decay: float = 1e-5,
-    grayscale: float = 0.1,
-    image_size: int = 256,
-    normalization_images: int = 10_000,
-    validation_images: int = 32,
-    validate_every: int = 1000,
-    checkpoint_every: int = 1000,
-    resume: bool = False,
-    time_budget: float | None = None,
-    seed: int = 42,
     device: str | None = None,
-    bf16: bool = False,
-    workers: int | None = None,
+    resume: bool = False,
     progress: bool = True,
+    **settings: Any,
 ) -> PretrainResult:
     """Distil a teacher PDN from a backbone on the images of a folder and write it to ``out``.
 
@@ -407,12 +392,13 @@ def pretrain_teacher(
     the standardised :class:`DistillationTarget` of the same view at twice that side. The target's
     per-channel mean and std come from a first pass over ``normalization_images`` augmented samples.
     Images are read recursively from ``images``; a seeded few are held out and their loss logged
-    every ``validate_every`` steps.
+    every ``validate_every`` steps. Settings are a :class:`~efficientad.config.PretrainConfig`
+    (``config``) and/or its fields by name.
 
     A checkpoint (model, optimizer, step, target statistics, losses) goes to ``OUT.ckpt`` every
     ``checkpoint_every`` steps and at the end (0: never); ``resume=True`` continues from it.
     ``time_budget`` (seconds of this run, statistics pass included) stops training early and still
-    writes a valid teacher. ``bf16`` runs the forward passes under bfloat16 autocast.
+    writes a valid teacher. ``precision='bf16'`` runs the forward passes under bfloat16 autocast.
 
     ``out`` is written atomically: a dict loadable with ``torch.load(weights_only=True)`` holding
     ``format``, ``format_version``, ``model_size``, ``state_dict`` (the PDN's, with
@@ -421,75 +407,34 @@ def pretrain_teacher(
     """
     started = time.monotonic()
     out = Path(out)
-    _check(backbone in BACKBONES, f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
-    _check(model_size in PDN_SPECS, f"model_size must be one of {', '.join(PDN_SPECS)}, got {model_size!r}")
-    for name, value, minimum in (
-        ("steps", steps, 1),
-        ("batch_size", batch_size, 1),
-        ("normalization_images", normalization_images, 1),
-        ("validation_images", validation_images, 1),
-        ("validate_every", validate_every, 1),
-        ("checkpoint_every", checkpoint_every, 0),
-    ):
-        _check(isinstance(value, int) and value >= minimum, f"{name} must be an integer >= {minimum}, got {value!r}")
-    _check(isinstance(seed, int) and seed >= 0, f"seed must be an integer >= 0, got {seed!r}")
-    _check(lr > 0, f"lr must be positive, got {lr}")
-    _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
-    _check(0.0 <= grayscale <= 1.0, f"grayscale must be a probability in [0, 1], got {grayscale}")
-    _check(
-        isinstance(image_size, int) and image_size >= 32 and image_size % 16 == 0,
-        f"image_size must be a multiple of 16 and at least 32, got {image_size!r}",
-    )
-    _check(time_budget is None or time_budget > 0, f"time_budget must be positive seconds, got {time_budget}")
-    _check(workers is None or workers >= 0, f"workers must be >= 0, got {workers}")
+    config = make_config(PretrainConfig, config, settings)
+    backbone, backbone_weights, model_size = config.backbone, config.backbone_weights, config.model_size
+    steps, batch_size, seed, image_size = config.steps, config.batch_size, config.seed, config.image_size
+    validate_every, checkpoint_every, time_budget = config.validate_every, config.checkpoint_every, config.time_budget
     _check(not out.is_dir(), f"out is a directory, expected a file path: {out}")
     torch_device = resolve_device(device)
-    if workers is None:
-        workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+    workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if config.workers is None else config.workers
     checkpoint_file = checkpoint_path(out)
     _check(not resume or checkpoint_file.is_file(), f"no checkpoint to resume from: {checkpoint_file}")
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    config = {
-        "images": str(images),
-        "out": str(out),
-        "backbone": backbone,
-        "backbone_weights": None if backbone_weights is None else str(backbone_weights),
-        "model_size": model_size,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "grayscale": grayscale,
-        "image_size": image_size,
-        "normalization_images": normalization_images,
-        "validation_images": validation_images,
-        "validate_every": validate_every,
-        "checkpoint_every": checkpoint_every,
-        "time_budget": time_budget,
-        "seed": seed,
-        "device": str(torch_device),
-        "bf16": bf16,
-        "workers": workers,
-    }
+    record = {"images": str(images), "out": str(out), **config.as_dict(), "device": str(torch_device), "workers": workers}
     checkpoint = None
     if resume:
         try:
             checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
         except Exception as error:  # torch.load raises many types for foreign or corrupt files
-            detail = str(error).splitlines()[0]
+            detail = first_line(error)
             raise EfficientADError(f"could not read checkpoint {checkpoint_file}: {detail}") from None
         _check(
             isinstance(checkpoint, dict) and checkpoint.get("format") == CHECKPOINT_FORMAT,
             f"not a pretraining checkpoint: {checkpoint_file}",
         )
         for key in _RESUME_KEYS:
-            _check(
-                checkpoint["config"][key] == config[key],
-                f"checkpoint {checkpoint_file} has {key}={checkpoint['config'][key]!r}, this run {config[key]!r}",
-            )
+            saved = checkpoint["config"].get(key)
+            _check(saved == record[key], f"checkpoint {checkpoint_file} has {key}={saved!r}, this run {record[key]!r}")
 
-    training_paths, validation_paths = _split(list_images(images, recursive=True), validation_images, seed)
+    training_paths, validation_paths = _split(list_images(images, recursive=True), config.validation_images, seed)
     # Seeded before the target so that a randomly initialised backbone is reproducible too.
     torch.manual_seed(seed)
     target = DistillationTarget(backbone, backbone_weights).to(torch_device)
@@ -498,16 +443,16 @@ def pretrain_teacher(
     sides = (2 * image_size, image_size)
 
     def autocast() -> torch.autocast:
-        return torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=bf16)
+        return precision_autocast(torch_device, config.precision)
 
     def stream(samples: range, kind: int) -> Iterator[Views]:
-        dataset = _DistillationImages(training_paths, sides, seed, kind, augment=True, grayscale=grayscale)
+        dataset = _DistillationImages(training_paths, sides, seed, kind, augment=True, grayscale=config.grayscale)
         return _batches(dataset, samples, batch_size, workers, torch_device)
 
     validation = _DistillationImages(validation_paths, sides, seed, _SPLIT_STREAM, augment=False, grayscale=0.0)
 
     teacher = pdn(model_size, TEACHER_CHANNELS, padding=True).to(torch_device)
-    optimizer = torch.optim.Adam(teacher.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     if checkpoint is not None:
         teacher.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -515,8 +460,8 @@ def pretrain_teacher(
         start_step, losses = checkpoint["step"], checkpoint["losses"]
         previous_seconds = checkpoint["seconds"]
     else:
-        statistics = stream(range(normalization_images), _STATISTICS_STREAM)
-        mean, std = _target_statistics(target, statistics, normalization_images, autocast, progress)
+        statistics = stream(range(config.normalization_images), _STATISTICS_STREAM)
+        mean, std = _target_statistics(target, statistics, config.normalization_images, autocast, progress)
         start_step, losses, previous_seconds = 0, {"train": [], "validation": []}, 0.0
 
     def save_checkpoint(step: int) -> None:
@@ -530,7 +475,7 @@ def pretrain_teacher(
                 "channel_std": std.cpu(),
                 "losses": losses,
                 "seconds": previous_seconds + time.monotonic() - started,
-                "config": config,
+                "config": record,
             },
             checkpoint_file,
         )
@@ -588,7 +533,7 @@ def pretrain_teacher(
     )
     seconds = time.monotonic() - started
     report = {
-        "config": config,
+        "config": record,
         "steps": step,
         "start_step": start_step,
         "stopped_by": stopped_by,

@@ -1,13 +1,13 @@
 """Reproduce the paper's tables: train and evaluate every category of a dataset collection.
 
-Each category runs in a process of its own (``python -m efficientad.benchmark JOB.json``), so that
+Each category runs in a process of its own (``python -m efficientad.collection.runner JOB.json``), so that
 its memory is returned when it ends and a crash stays with that category. A category is finished when
 its folder holds a ``metrics.json`` from a run that exited cleanly; running the benchmark again skips
 finished categories, which makes an interrupted run resumable.
 
 Our metrics are kept as fractions, as in each category's ``metrics.json``; the published values in
-``paper_results.json`` (see :mod:`efficientad.paper`) are percent and are converted when they are
-put beside ours. :mod:`efficientad.benchmark_report` renders the results.
+``paper_results.json`` (see :mod:`efficientad.collection.paper`) are percent and are converted when they are
+put beside ours. :mod:`efficientad.collection.report` renders the results.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .benchmark_report import format_duration, plot_auroc, render_markdown
-from .errors import EfficientADError
+from .report import format_duration, plot_auroc, render_markdown
+from ..choices import COLLECTIONS, check_choice
+from ..errors import EfficientADError
 from .paper import (
     METRIC_TITLES,
     SOURCE_MARKS,
@@ -35,7 +36,6 @@ from .paper import (
     summarize_metrics,
 )
 
-COLLECTIONS = {"mvtec_ad": "mvtec", "loco": "loco", "visa": "visa", "folder": "folder"}
 # A category run with other values of these is not comparable with this run, so it is not reused.
 COMPARED_SETTINGS = (
     "model_size",
@@ -51,8 +51,7 @@ COMPARED_SETTINGS = (
 
 
 def _check_collection(collection: str) -> None:
-    if collection not in COLLECTIONS:
-        raise EfficientADError(f"unknown collection {collection!r} (expected one of: {', '.join(COLLECTIONS)})")
+    check_choice("collection", collection, COLLECTIONS)
 
 
 def find_categories(collection: str, root: str | os.PathLike, requested: Sequence[str] | None = None) -> list[str]:
@@ -71,7 +70,7 @@ def find_categories(collection: str, root: str | os.PathLike, requested: Sequenc
     if requested is not None:
         names = list(dict.fromkeys(name.strip() for name in requested if name.strip()))
         if not names:
-            raise EfficientADError("--categories is empty")
+            raise EfficientADError("categories is empty")
         missing = [name for name in names if name not in folders]
         if missing:
             raise EfficientADError(
@@ -83,7 +82,7 @@ def find_categories(collection: str, root: str | os.PathLike, requested: Sequenc
         expected = f" (expected some of: {', '.join(known)})" if known else ""
         raise EfficientADError(
             f"no {collection_title(collection)} category folders in {root}{expected}; "
-            "name them with --categories, or use --collection folder"
+            "name them in categories, or use the 'folder' collection"
         )
     return categories
 
@@ -104,7 +103,7 @@ def _last_error(log_path: Path) -> str:
 def _child_environment() -> dict[str, str]:
     env = dict(os.environ)
     # The package must be importable by the child even when it is run from a source checkout.
-    package_parent = str(Path(__file__).resolve().parents[1])
+    package_parent = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
     # Progress bars go to a log file: a few updates a minute keep it readable with `tail -f`.
     env.setdefault("TQDM_MININTERVAL", "10")
@@ -142,7 +141,7 @@ def run_category(
     started = time.perf_counter()
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "efficientad.benchmark", str(job_path)],
+            [sys.executable, "-m", "efficientad.collection.runner", str(job_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=_child_environment(),
@@ -183,10 +182,10 @@ def _train_and_evaluate(job: dict[str, Any]) -> None:
     out, data = Path(job["out"]), {key: job[key] for key in ("root", "category", "format")}
     settings = {**job["detector"], "progress": True}
 
-    from .datasets import load_split
-    from .detector import EfficientAD
-    from .evaluate import evaluate
-    from .runlog import write_run_record
+    from ..data.datasets import load_split
+    from ..detector import EfficientAD
+    from ..evaluation.evaluate import evaluate
+    from ..files import write_run_record
 
     split = load_split(data["format"], data["root"], data["category"])
     detector = EfficientAD(**settings)
@@ -206,9 +205,9 @@ def _train_and_evaluate(job: dict[str, Any]) -> None:
 
 
 def _worker_main(argv: Sequence[str]) -> int:
-    """Entry point of the child process: ``python -m efficientad.benchmark JOB.json``."""
+    """Entry point of the child process: ``python -m efficientad.collection.runner JOB.json``."""
     if len(argv) != 1:
-        print("usage: python -m efficientad.benchmark JOB.json (written by `efficientad benchmark`)", file=sys.stderr)
+        print("usage: python -m efficientad.collection.runner JOB.json (written by `efficientad benchmark`)", file=sys.stderr)
         return 2
     try:
         job = json.loads(Path(argv[0]).read_text())
@@ -228,7 +227,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    from .teacher import OFFICIAL_BY_SIZE
+    from ..training.teacher import OFFICIAL_BY_SIZE
 
     comparable = {key: config[key] for key in COMPARED_SETTINGS if key in config}
     # No teacher named means the official one of the model size: the same weights as naming it.
@@ -245,7 +244,7 @@ def _check_reusable(folder: Path, category: str, expected: dict[str, Any]) -> No
     if changed:
         raise EfficientADError(
             f"{folder} holds {category} results trained with other settings ({'; '.join(changed)}); "
-            "use --force to retrain, or another --out"
+            "retrain them (force=True) or choose another output folder"
         )
 
 
@@ -316,16 +315,16 @@ def run_benchmark(
     ``detector`` holds :class:`~efficientad.detector.EfficientAD` keyword arguments; they are
     validated here, before the first category starts. Returns the content of ``results.json``.
     """
-    from .datasets import load_split
-    from .detector import EfficientAD
+    from ..data.datasets import load_split
+    from ..detector import EfficientAD
 
     _check_collection(collection)
     root, out = Path(root).resolve(), Path(out).resolve()
     if out == root or root in out.parents:
-        raise EfficientADError(f"--out {out} lies inside the dataset root {root}: choose a folder outside it")
+        raise EfficientADError(f"output folder {out} lies inside the dataset root {root}: choose a folder outside it")
     if out.exists() and not out.is_dir():
-        raise EfficientADError(f"--out {out} is a file, not a folder")
-    expected = EfficientAD(**detector).get_config()
+        raise EfficientADError(f"output folder {out} is a file")
+    expected = {**EfficientAD(**detector).config.as_dict(), "device": str(detector.get("device") or "cpu")}
     names = find_categories(collection, root, categories)
     model_size = expected["model_size"]
     finished_before = [] if force else [name for name in names if (out / name / "metrics.json").is_file()]
@@ -338,7 +337,7 @@ def run_benchmark(
         f" {expected['steps']:,} steps on {expected['device']} -> {out}"
     )
     if finished_before:
-        log(f"finished earlier, skipped (use --force to retrain): {', '.join(finished_before)}")
+        log(f"finished earlier, skipped (force=True retrains them): {', '.join(finished_before)}")
     previous = (_read_json(out / "results.json") or {}).get("categories", {})
     entries: dict[str, dict[str, Any]] = {}
     for name in finished_before:
@@ -430,7 +429,7 @@ def write_results(
     entries: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """Write ``results.json``, ``results.md`` and ``auroc.png`` for the categories in ``entries``."""
-    from .runlog import write_run_record
+    from ..files import write_run_record
 
     model_size = config["model_size"]
     statuses = [entry["status"] for entry in entries.values()]

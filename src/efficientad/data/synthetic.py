@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from .errors import EfficientADError
+from ..errors import EfficientADError
 
 DEFECT_TYPES = ("scratch", "stain", "worn")
 

@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
-from .errors import EfficientADError
+from ..errors import EfficientADError
 
 # The official MVTec AD evaluation labels ground-truth regions with a 3x3 all-ones structuring
 # element, so diagonal neighbours belong to the same region (8-connectivity).

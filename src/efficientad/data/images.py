@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import EfficientADError
+from ..errors import EfficientADError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -116,8 +116,8 @@ def load_images(
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images to floats in [0, 1]; the networks normalise with ImageNet statistics themselves."""
-    return images.float().div_(255.0)
+    """uint8 images to a new float32 tensor in [0, 1] (the input is never changed); the networks normalise themselves."""
+    return images.to(torch.float32, copy=True).div_(255.0)
 
 
 def split_validation(items: Sequence, fraction: float, seed: int) -> tuple[list, list]:

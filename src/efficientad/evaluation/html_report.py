@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .visualize import display_range, heat_colors, overlay
+from ..visualize import display_range, heat_colors, overlay
 
 THUMBNAIL_SIZE = 260
 GOOD_COLOUR, DEFECT_COLOUR = "#2a9d4b", "#d1495b"

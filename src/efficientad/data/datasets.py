@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .data import IMAGE_EXTENSIONS, list_images
-from .errors import EfficientADError
+from .images import IMAGE_EXTENSIONS, list_images
+from ..choices import DATASET_FORMATS, check_choice
+from ..errors import EfficientADError
 
-FORMATS = ("mvtec", "loco", "visa", "folder")
 PathLike = str | os.PathLike
 
 
@@ -106,13 +106,11 @@ class LocoRegion:
 def load_split(format: str, root: PathLike, category: str) -> Split:
     """The train/validation/test files of ``category`` in the dataset at ``root``.
 
-    ``format`` is one of :data:`FORMATS`; the module docstring describes each layout. Raises
+    ``format`` is one of :data:`efficientad.choices.DATASET_FORMATS`; the module docstring describes each layout. Raises
     :class:`EfficientADError` naming the expected path when the layout does not match.
     """
-    loaders = {"mvtec": _load_mvtec, "loco": _load_loco, "visa": _load_visa, "folder": _load_folder}
-    loader = loaders.get(str(format).lower())
-    if loader is None:
-        raise EfficientADError(f"unknown dataset format {format!r} (expected one of: {', '.join(FORMATS)})")
+    check_choice("format", format, DATASET_FORMATS)
+    loader = {"mvtec": _load_mvtec, "loco": _load_loco, "visa": _load_visa, "folder": _load_folder}[format]
     root = Path(root)
     if not root.is_dir():
         raise EfficientADError(f"dataset root not found: {root}")

@@ -1,0 +1,43 @@
+"""Every list of allowed values, in one place, free of torch so that the CLI can offer them cheaply.
+
+Library code validates against these with :func:`check_choice`; the CLI passes them to argparse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .errors import EfficientADError
+
+MODEL_SIZES = ("s", "m")
+# Arithmetic of the convolutions; fp16 exists on CUDA only, bf16 on CUDA and on CPUs with native bf16.
+PRECISIONS = ("fp32", "bf16", "fp16")
+DATASET_FORMATS = ("mvtec", "loco", "visa", "folder")
+# A collection benchmark's name -> the dataset layout of its categories.
+COLLECTIONS = {"mvtec_ad": "mvtec", "loco": "loco", "visa": "visa", "folder": "folder"}
+BACKENDS = ("torch", "onnxruntime", "openvino")
+# Which precisions each runtime offers; int8 is static post-training quantisation, measured by
+# ``efficientad bench`` but not offered for deployment (it costs accuracy: see deploy/speed.py).
+BACKEND_PRECISIONS = {
+    "torch": ("fp32", "bf16", "fp16"),
+    "onnxruntime": ("fp32", "int8"),
+    "openvino": ("fp32", "bf16", "fp16", "int8"),
+}
+EXPORT_FORMATS = ("onnx", "torchscript", "openvino")
+# What ``Inferencer.load`` tells apart: the exports plus the native model file.
+MODEL_FORMATS = ("native", *EXPORT_FORMATS)
+INPUT_DTYPES = ("float32", "uint8")
+# Backbones a teacher can be distilled from: torchvision names and their layer2/layer3 widths.
+BACKBONES: dict[str, tuple[int, int]] = {
+    "wide_resnet101_2": (512, 1024),
+    "wide_resnet50_2": (512, 1024),
+    "resnet18": (128, 256),
+    "resnet50": (512, 1024),
+}
+
+
+def check_choice(name: str, value: object, allowed: Iterable[object]) -> None:
+    """Raise :class:`EfficientADError` naming the parameter unless ``value`` is one of ``allowed``."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise EfficientADError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")

@@ -1,0 +1,190 @@
+"""The settings of training and of teacher pretraining, with their defaults, in one place each.
+
+Free of torch: the CLI shows these defaults in ``--help`` and passes on only what the user set, so
+no default is written twice. The defaults are the paper's unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, TypeVar
+
+from .choices import BACKBONES, MODEL_SIZES, PRECISIONS, check_choice
+from .errors import EfficientADError
+
+Config = TypeVar("Config", "TrainConfig", "PretrainConfig")
+
+
+def parse_image_size(value: int | Sequence[int]) -> tuple[int, int]:
+    """``N`` or ``(height, width)`` as a tuple of two positive ints; anything else is refused."""
+    if isinstance(value, bool):
+        raise EfficientADError(f"image_size must be N or (height, width), got {value!r}")
+    if isinstance(value, int):
+        value = (value, value)
+    try:
+        size = tuple(int(side) for side in value)
+    except (TypeError, ValueError):
+        raise EfficientADError(f"image_size must be N or (height, width), got {value!r}") from None
+    if len(size) != 2 or min(size) < 1:
+        raise EfficientADError(f"image_size must be N or (height, width) of positive ints, got {value!r}")
+    return size
+
+
+def _check_positive(config: Any, *names: str, minimum: int = 1) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise EfficientADError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_fraction(name: str, value: float, low: float = 0.0, high: float = 1.0) -> None:
+    if not low < value < high:
+        raise EfficientADError(f"{name} must be in ({low:g}, {high:g}), got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides what :meth:`EfficientAD.fit <efficientad.EfficientAD.fit>` learns.
+
+    - ``teacher``: ``"small"``/``"medium"`` (official weights, downloaded once), ``None`` (the
+      official one for ``model_size``), ``"random"`` (testing only: warns) or a teacher file path.
+    - ``penalty_images``: a folder of ImageNet-like images; ``None`` turns the penalty off.
+    - ``precision``: of training, and of calibration and prediction after it, so that the stored
+      threshold is measured with the arithmetic that later applies it.
+    - ``cache_teacher``: keep the teacher's features of the training images in memory; ``None``
+      decides by their size. ``compile``: ``torch.compile`` the student trunk and the autoencoder.
+    """
+
+    model_size: str = "s"
+    image_size: tuple[int, int] = (256, 256)
+    teacher: str | None = None
+    penalty_images: str | None = None
+    steps: int = 70_000
+    batch_size: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-5
+    lr_drop_fraction: float = 0.95
+    hard_loss_quantile: float = 0.999
+    map_quantile_low: float = 0.9
+    map_quantile_high: float = 0.995
+    validation_fraction: float = 0.1
+    false_positive_rate: float = 0.01
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    cache_teacher: bool | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from .networks import check_image_size  # deferred: torch, which --help need not import
+
+        check_choice("model_size", self.model_size, MODEL_SIZES)
+        check_choice("precision", self.precision, PRECISIONS)
+        object.__setattr__(self, "image_size", check_image_size(parse_image_size(self.image_size)))
+        for name in ("teacher", "penalty_images"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, os.fspath(value))
+        _check_positive(self, "steps", "batch_size")
+        _check_positive(self, "seed", minimum=0)
+        for name in ("lr_drop_fraction", "validation_fraction", "false_positive_rate"):
+            _check_fraction(name, getattr(self, name))
+        for name in ("hard_loss_quantile", "map_quantile_low", "map_quantile_high"):
+            _check_fraction(name, getattr(self, name))
+        if self.map_quantile_low >= self.map_quantile_high:
+            raise EfficientADError(
+                f"map_quantile_low must be below map_quantile_high, got {self.map_quantile_low} and {self.map_quantile_high}"
+            )
+        if self.learning_rate <= 0 or self.weight_decay < 0:
+            raise EfficientADError(
+                f"learning_rate must be > 0 and weight_decay >= 0, got {self.learning_rate} and {self.weight_decay}"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["image_size"] = list(self.image_size)
+        return values
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that decides what :func:`~efficientad.training.pretrain.pretrain_teacher` learns.
+
+    The defaults are the paper's and its reference reproduction's; ``grayscale`` is the probability
+    of a grayscale sample, ``normalization_images`` the samples that measure the target's mean and
+    std, ``time_budget`` wall-clock seconds after which training stops and still writes a teacher.
+    ``backbone_weights`` is a torchvision state_dict file, ``"imagenet"`` (downloaded) or ``None``
+    (random, for tests). ``workers``: image loading processes, ``None`` for CPUs - 1 (at most 8).
+    """
+
+    backbone: str = "wide_resnet101_2"
+    backbone_weights: str | None = "imagenet"
+    model_size: str = "s"
+    steps: int = 60_000
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-5
+    grayscale: float = 0.1
+    image_size: int = 256
+    normalization_images: int = 10_000
+    validation_images: int = 32
+    validate_every: int = 1000
+    checkpoint_every: int = 1000
+    time_budget: float | None = None
+    precision: str = "fp32"
+    workers: int | None = None
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        check_choice("backbone", self.backbone, BACKBONES)
+        check_choice("model_size", self.model_size, MODEL_SIZES)
+        # fp16 autocast of a backbone distillation was never tried; bf16 was (benchmarks/pretrain_teacher.py).
+        check_choice("precision", self.precision, ("fp32", "bf16"))
+        if self.backbone_weights is not None:
+            object.__setattr__(self, "backbone_weights", os.fspath(self.backbone_weights))
+        _check_positive(self, "steps", "batch_size", "normalization_images", "validation_images", "validate_every")
+        _check_positive(self, "checkpoint_every", "seed", minimum=0)
+        if self.workers is not None:
+            _check_positive(self, "workers", minimum=0)
+        if self.learning_rate <= 0 or self.weight_decay < 0:
+            raise EfficientADError(
+                f"learning_rate must be > 0 and weight_decay >= 0, got {self.learning_rate} and {self.weight_decay}"
+            )
+        if not 0.0 <= self.grayscale <= 1.0:
+            raise EfficientADError(f"grayscale must be a probability in [0, 1], got {self.grayscale}")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 32 or self.image_size % 16:
+            raise EfficientADError(f"image_size must be a multiple of 16 and at least 32, got {self.image_size!r}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise EfficientADError(f"time_budget must be positive seconds, got {self.time_budget}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_config(cls: type[Config], base: Config | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """``base`` (default: ``cls()``'s defaults) with ``overrides``; an unknown name is refused by name."""
+    overrides = dict(overrides or {})
+    known = {field.name for field in fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise EfficientADError(f"unknown {cls.__name__} parameter(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    if base is None:
+        return cls(**overrides)
+    return replace(base, **overrides)
+
+
+def default(cls: type, name: str) -> Any:
+    """A field's default, for help texts that must not restate it."""
+    return next(field.default for field in fields(cls) if field.name == name)
+
+
+# Defaults of prediction and serving, read by the library and shown by the CLI.
+PREDICT_BATCH_SIZE = 8
+SERVE_MAX_UPLOAD_MB = 20.0
+SERVE_MAX_MEGAPIXELS = 40.0
+# The speed protocol: timed batch-1 runs after untimed warm-up runs, throughput at this batch size.
+BENCH_RUNS = 50
+BENCH_WARMUP = 10
+BENCH_BATCH_SIZE = 8

@@ -1,0 +1,218 @@
+"""Deployment files: write a fused model as ONNX, TorchScript or OpenVINO IR, and open them again.
+
+Each exported file is the whole inference path of :class:`~efficientad.deploy.fused.FusedModel`
+(normalisation, three networks, maps, resize, score) and carries, as embedded JSON, what a runtime
+needs besides the graph: image size, input dtype, threshold, inference precision, output names and
+the training metadata. ONNX keeps it in ``metadata_props``, TorchScript in an extra file of its
+archive, OpenVINO in the model's ``rt_info``.
+
+A format is one entry of :data:`FORMATS`: a writer and an opener. Adding one means an entry here, its
+name in :data:`efficientad.choices.EXPORT_FORMATS` and, for a new runtime, a session class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..choices import EXPORT_FORMATS, INPUT_DTYPES, check_choice
+from ..errors import EfficientADError, first_line
+from ..files import atomic_write
+from ..model import EfficientADModel, check_format, load_model
+from .fused import FusedModel
+from .graphs import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, example_input, onnx_bytes, openvino_model, require_openvino
+from .runtimes import OnnxRuntimeSession, OpenVinoSession, TorchSession, make_session
+
+METADATA_FORMAT = "efficientad-inference"
+METADATA_FORMAT_VERSION = 1
+TORCHSCRIPT_EXTRA_FILE = "efficientad.json"
+# Training-run fields too bulky or too internal to travel with a deployed model.
+_DROPPED_FIELDS = ("state_dict", "validation_scores")
+# An export whose scores differ from the fused model's by more than this (relative) is refused.
+EXPORT_TOLERANCE = 1e-4
+
+Session = TorchSession | OnnxRuntimeSession | OpenVinoSession
+
+
+def inference_metadata(module: FusedModel, threshold: float | None, model_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON-serialisable description embedded in every exported file."""
+    trained = {k: v for k, v in (model_metadata or {}).items() if k not in _DROPPED_FIELDS}
+    return {
+        "format": METADATA_FORMAT,
+        "format_version": METADATA_FORMAT_VERSION,
+        "efficientad_version": __version__,
+        "model_size": module.model_size,
+        "image_size": list(module.image_size),
+        "output_size": list(module.output_size),
+        "input_name": INPUT_NAME,
+        "input_dtype": module.input_dtype,
+        "input_range": [0, 255] if module.input_dtype == "uint8" else [0.0, 1.0],
+        "input_layout": "NCHW, RGB",
+        "output_names": list(OUTPUT_NAMES),
+        "threshold": None if threshold is None else float(threshold),
+        "inference_precision": trained.get("inference_precision", "fp32"),
+        "model": json.loads(json.dumps(trained, default=str)),
+    }
+
+
+def parse_metadata(text: str | None, path: str | os.PathLike) -> dict[str, Any]:
+    """Decode and check embedded metadata text (``None`` when the file has none)."""
+    if not text:
+        raise EfficientADError(f"{path} was not exported by efficientad (no '{METADATA_KEY}' metadata)")
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError:
+        raise EfficientADError(f"{path} has unreadable '{METADATA_KEY}' metadata") from None
+    check_format(metadata, path, METADATA_FORMAT, METADATA_FORMAT_VERSION, f"was not exported by efficientad (no '{METADATA_KEY}' metadata)")
+    return metadata
+
+
+# ------------------------------------------------------------------------------------------ writers
+def _write_onnx(module: FusedModel, path: Path, metadata: dict[str, Any]) -> Path:
+    content = onnx_bytes(module, metadata)
+    return atomic_write(path, lambda target: Path(target).write_bytes(content))
+
+
+def _write_torchscript(module: FusedModel, path: Path, metadata: dict[str, Any]) -> Path:
+    extra = {TORCHSCRIPT_EXTRA_FILE: json.dumps(metadata)}
+    with torch.no_grad(), warnings.catch_warnings():
+        # TorchScript is deprecated in favour of torch.export, but it is still what C++ and older
+        # deployments load; the warning would only alarm users who asked for it.
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(module.float().eval(), (example_input(module),), check_trace=False)
+        return atomic_write(path, lambda target: torch.jit.save(traced, target, _extra_files=extra))
+
+
+def _write_openvino(module: FusedModel, path: Path, metadata: dict[str, Any]) -> Path:
+    """OpenVINO IR: ``path`` (.xml) and the weights beside it (.bin), kept in float32.
+
+    The runtime picks the compute precision; weights compressed to fp16 would lose accuracy on every device.
+    """
+    ov = require_openvino()
+    if path.suffix != ".xml":
+        raise EfficientADError(f"an OpenVINO model is written as NAME.xml (+ NAME.bin), got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(openvino_model(module, metadata), str(path), compress_to_fp16=False)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ openers
+def _open_onnx(path: Path, precision: str, device: str, threads: int | None) -> tuple[Session, dict[str, Any]]:
+    if precision != "fp32":
+        raise EfficientADError("ONNX files run in the precision they were exported in; use precision='fp32'")
+    session = OnnxRuntimeSession(path, threads, device)
+    return session, parse_metadata(session.metadata_text, path)
+
+
+def _open_torchscript(path: Path, precision: str, device: str, threads: int | None) -> tuple[Session, dict[str, Any]]:
+    extra = {TORCHSCRIPT_EXTRA_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation: see the writer
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except (RuntimeError, ValueError) as error:
+        raise EfficientADError(f"cannot read TorchScript file {path}: {first_line(error)}") from None
+    metadata = parse_metadata(extra[TORCHSCRIPT_EXTRA_FILE], path)
+    return TorchSession(module, device, precision, threads=threads), metadata
+
+
+def _open_openvino(path: Path, precision: str, device: str, threads: int | None) -> tuple[Session, dict[str, Any]]:
+    if str(device) != "cpu":
+        raise EfficientADError("the OpenVINO backend here runs on the CPU only")
+    session = OpenVinoSession(path, precision, threads)
+    return session, parse_metadata(session.metadata_text, path)
+
+
+class ExportFormat(NamedTuple):
+    write: Callable[[FusedModel, Path, dict[str, Any]], Path]
+    open: Callable[[Path, str, str, int | None], tuple[Session, dict[str, Any]]]
+
+
+FORMATS: dict[str, ExportFormat] = {
+    "onnx": ExportFormat(_write_onnx, _open_onnx),
+    "torchscript": ExportFormat(_write_torchscript, _open_torchscript),
+    "openvino": ExportFormat(_write_openvino, _open_openvino),
+}
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """``"onnx"``, ``"torchscript"``, ``"openvino"`` or ``"native"`` (a ``model.pt`` file), by content."""
+    path = Path(path)
+    if not path.is_file():
+        raise EfficientADError(f"model file not found: {path}")
+    if path.suffix == ".xml":
+        return "openvino"
+    if path.suffix == ".onnx":
+        return "onnx"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        # torch.save archives hold data.pkl; TorchScript archives hold code/ and constants.pkl too.
+        if any(name.endswith(f"extra/{TORCHSCRIPT_EXTRA_FILE}") or "/code/" in name for name in names):
+            return "torchscript"
+        return "native"
+    with open(path, "rb") as file:
+        head = file.read(64)
+    if head.lstrip().startswith(b"<?xml"):
+        return "openvino"
+    return "onnx"
+
+
+def open_export(path: str | os.PathLike, format: str, precision: str = "fp32", device: str = "cpu", threads: int | None = None) -> tuple[Session, dict[str, Any]]:
+    """A session for an exported file, and its embedded metadata."""
+    check_choice("format", format, EXPORT_FORMATS)
+    return FORMATS[format].open(Path(path), precision, str(device), threads)
+
+
+def export_model(
+    model: str | os.PathLike | EfficientADModel,
+    format: str,
+    out: str | os.PathLike,
+    threshold: float | None = None,
+    output_size: tuple[int, int] | None = None,
+    input_dtype: str = "float32",
+    model_metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Export a model file (or a loaded :class:`EfficientADModel`) to ``format`` at ``out``.
+
+    The threshold defaults to the model file's; ``output_size`` (height, width) of the maps to the
+    model's image size; ``input_dtype`` ``"uint8"`` makes the graph take raw bytes in [0, 255].
+    The written file is opened again and must give the fused model's scores (relative
+    :data:`EXPORT_TOLERANCE`) on a random batch, else the export is refused and removed.
+    """
+    check_choice("format", format, EXPORT_FORMATS)
+    check_choice("input_dtype", input_dtype, INPUT_DTYPES)
+    if format == "openvino":
+        require_openvino()
+    if isinstance(model, EfficientADModel):
+        metadata_in = dict(model_metadata or {})
+    else:
+        model, metadata_in = load_model(model)
+    if threshold is None:
+        threshold = metadata_in.get("threshold")
+    module = FusedModel(model, output_size=output_size, input_dtype=input_dtype)
+    metadata = inference_metadata(module, threshold, metadata_in)
+    path = FORMATS[format].write(module, Path(out), metadata)
+    _verify(module, path, format)
+    return path
+
+
+def _verify(module: FusedModel, path: Path, format: str) -> None:
+    images = example_input(module, batch_size=2).numpy()
+    expected = make_session(module, "torch", "fp32").run(images).score
+    exported, _ = open_export(path, format)
+    got = exported.run(images).score
+    error = float(np.max(np.abs(got - expected) / np.maximum(np.abs(expected), 1e-6)))
+    if not error <= EXPORT_TOLERANCE:
+        for written in (path, path.with_suffix(".bin")) if format == "openvino" else (path,):
+            written.unlink(missing_ok=True)
+        raise EfficientADError(f"the {format} export gave scores {error:.2e} away from the model's (relative); nothing was written")

@@ -1,0 +1,79 @@
+"""Where and in which arithmetic torch computes: devices, precisions, autocast and thread counts."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .choices import PRECISIONS, check_choice
+from .errors import EfficientADError
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A checked torch device; ``None`` picks CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise EfficientADError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise EfficientADError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise EfficientADError("device 'cuda' requested but no CUDA GPU is available; use device='cpu'")
+    return parsed
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels here (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raise unless ``precision`` runs natively on ``device`` with this torch build.
+
+    bf16 on a CPU without native bf16 is refused rather than run: oneDNN would emulate it more than
+    ten times slower than fp32.
+    """
+    check_choice("precision", precision, PRECISIONS)
+    if precision == "fp16" and device.type != "cuda":
+        raise EfficientADError("precision 'fp16' needs a CUDA device; on the CPU use 'bf16' or 'fp32'")
+    if precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
+        raise EfficientADError(
+            "this CPU has no native bf16 (AVX-512 BF16 or AMX), where bf16 runs emulated and over 10x slower: use precision 'fp32'"
+        )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise EfficientADError("this GPU does not support bf16; use precision 'fp16'")
+
+
+def usable_precision(precision: str, device: torch.device) -> str:
+    """``precision`` if it runs natively on ``device``, else fp32 with a warning that says why.
+
+    For running a model file elsewhere than it was trained: its stored precision is a preference,
+    and fp32 computes the same maps to within bf16/fp16 rounding.
+    """
+    try:
+        check_precision(precision, device)
+    except EfficientADError as error:
+        warnings.warn(f"predicting in fp32 instead of the model's {precision}: {error}", stacklevel=2)
+        return "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """Autocast to ``precision`` (a no-op for fp32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def default_threads() -> int:
+    """Threads to compute with: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, torch.get_num_threads())

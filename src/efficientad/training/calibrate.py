@@ -1,0 +1,46 @@
+"""Calibration: the map quantiles and the decision threshold, measured on held-out normal images.
+
+Both are measured with the deployed prediction path itself (the fused module, in the precision the
+model will predict in), so a validation image scored later by ``predict``, ``eval`` or ``serve``
+gets exactly the score its threshold was set from.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import PREDICT_BATCH_SIZE, TrainConfig
+from ..data.images import to_float
+from ..deploy.fused import FusedModel
+from ..deploy.runtimes import make_session
+from ..model import EfficientADModel, MapQuantiles
+from .train import quantile
+
+
+@torch.no_grad()
+def calibrate(model: EfficientADModel, images: torch.Tensor, config: TrainConfig, batch_size: int = PREDICT_BATCH_SIZE) -> dict:
+    """Set the map quantiles from held-out normal uint8 images (N, 3, H, W); return their scores and a threshold.
+
+    The threshold is the score that the chosen fraction of validation images
+    (``false_positive_rate``, default 1%) exceeds.
+    """
+    device = model.teacher_mean.device
+    batches = [to_float(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
+    measuring = make_session(FusedModel(model, allow_uncalibrated=True), "torch", config.precision, device)
+    raw = torch.cat([torch.from_numpy(measuring.raw_maps(batch)) for batch in batches])
+    low, high = config.map_quantile_low, config.map_quantile_high
+    q = [quantile(raw[:, 0], low), quantile(raw[:, 0], high), quantile(raw[:, 1], low), quantile(raw[:, 1], high)]
+    # A degenerate spread (constant maps) would divide by zero; keep the maps finite instead.
+    for start, end in ((0, 1), (2, 3)):
+        q[end] = torch.maximum(q[end], q[start] + 1e-12)
+    model.map_quantiles.copy_(torch.stack(q))
+
+    predicting = make_session(FusedModel(model), "torch", config.precision, device)
+    scores = torch.cat([torch.from_numpy(predicting.run(batch).score) for batch in batches]).double()
+    threshold = float(torch.quantile(scores, 1.0 - config.false_positive_rate))
+    return {
+        "map_quantiles": MapQuantiles(*(float(value) for value in q))._asdict(),
+        "quantile_levels": [low, high],
+        "validation_scores": scores.tolist(),
+        "threshold": threshold,
+    }
