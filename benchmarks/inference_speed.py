@@ -18,6 +18,8 @@ import time
 import traceback
 from pathlib import Path
 
+from efficientad.choices import MODEL_SIZES
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mvtec_ad"
 CPU_CONFIGS = (
@@ -34,7 +36,7 @@ CPU_CONFIGS = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="trained model file (default: random weights, timing only)")
-    parser.add_argument("--model-size", choices=("s", "m"), default="s", help="without --model")
+    parser.add_argument("--model-size", choices=MODEL_SIZES, default="s", help="without --model")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="MVTec AD root (default: %(default)s)")
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--configs", default=",".join(CPU_CONFIGS), help="comma-separated BACKEND:PRECISION[:compile] (default: %(default)s)")

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from efficientad.choices import PRETRAIN_PRECISIONS
 from efficientad.data.datasets import load_split
 from efficientad.detector import EfficientAD
 from efficientad.evaluation.metrics import image_auroc
@@ -50,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast while pretraining")
     parser.add_argument(
         "--train-precision",
-        choices=("fp32", "bf16"),
+        choices=PRETRAIN_PRECISIONS,
         default="fp32",
         help="EfficientAD training precision, the same for all three teachers",
     )

@@ -76,3 +76,15 @@ def tiny(tmp_path_factory) -> TinyModel:
     detector = fit_quietly(EfficientAD(teacher="random", steps=2, progress=False), split.train, split.validation)
     path = detector.save(tmp_path_factory.mktemp("tiny_model") / "model.pt")
     return TinyModel(root, "part", split, detector, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tiny, tmp_path_factory) -> dict[str, Path]:
+    """The tiny model file and its ONNX, TorchScript and OpenVINO exports, by format name."""
+    from efficientad.deploy.formats import export_model
+
+    folder = tmp_path_factory.mktemp("tiny_exports")
+    paths = {"native": tiny.path}
+    for format, name in (("onnx", "model.onnx"), ("torchscript", "model.ts"), ("openvino", "model.xml")):
+        paths[format] = export_model(tiny.path, format, folder / name)
+    return paths

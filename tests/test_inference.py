@@ -11,45 +11,43 @@ from efficientad.deploy.formats import export_model
 from efficientad.deploy.fused import FusedModel
 from efficientad.deploy.inferencer import Inferencer
 from efficientad.deploy.runtimes import OnnxRuntimeSession, TorchSession
-from efficientad.model import EfficientADModel, map_scale, normalize_maps, save_model, to_image_grid
+from efficientad.model import EfficientADModel, load_model, map_scale, normalize_maps, save_model, to_image_grid
 
-try:
-    import openvino  # noqa: F401
-
-    HAVE_OPENVINO = True
-except ImportError:
-    HAVE_OPENVINO = False
-
-THRESHOLD = 0.05
 
 
 @pytest.fixture(scope="module", params=["s", pytest.param("m", marks=pytest.mark.slow)])
-def calibrated(request):
-    """A random-weight PDN-S or PDN-M model with constants measured like training does, so that maps are O(0.1)."""
+def calibrated(request, tiny):
+    """PDN-S: the session's tiny trained model. PDN-M: random weights with constants measured like
+    training does, so that maps are O(0.1)."""
     torch.manual_seed(0)
-    model = EfficientADModel(request.param).eval()
     # Whole byte values, so that the same images given as uint8 arrays give the same results.
     images = torch.randint(0, 256, (2, 3, 256, 256)).float() / 255
+    if request.param == "s":
+        model = load_model(tiny.path)[0]
+    else:
+        model = EfficientADModel(request.param).eval()
+        with torch.no_grad():
+            features = model.teacher(model.normalize_input(images))
+            model.teacher_mean.copy_(features.mean(dim=(0, 2, 3), keepdim=True))
+            model.teacher_std.copy_(features.std(dim=(0, 2, 3), keepdim=True))
+            local, global_ = model.raw_maps(images).unbind(dim=1)
+            model.map_quantiles.copy_(torch.stack([local.min() / 2, local.max(), global_.min() / 2, global_.max()]))
     with torch.no_grad():
-        features = model.teacher(model.normalize_input(images))
-        model.teacher_mean.copy_(features.mean(dim=(0, 2, 3), keepdim=True))
-        model.teacher_std.copy_(features.std(dim=(0, 2, 3), keepdim=True))
-        local, global_ = model.raw_maps(images).unbind(dim=1)
-        model.map_quantiles.copy_(torch.stack([local.min() / 2, local.max(), global_.min() / 2, global_.max()]))
         maps = model(images)
-        reference = [maps[:, 0:1], maps[:, 1:2], maps[:, 2:3]]
-    return model, images, reference
+    return model, images, [maps[:, 0:1], maps[:, 1:2], maps[:, 2:3]]
 
 
 @pytest.fixture(scope="module")
-def exported(calibrated, tmp_path_factory):
+def exported(calibrated, tiny, tiny_exports, tmp_path_factory):
+    """Paths of the model file and its three exports, and the threshold they carry."""
     model, _, _ = calibrated
+    if model.model_size == "s":
+        return {**tiny_exports, "threshold": tiny.detector.threshold}
     folder = tmp_path_factory.mktemp("export")
-    native = save_model(model, folder / "model.pt", {"threshold": THRESHOLD})
-    paths = {"native": native}
+    native = save_model(model, folder / "model.pt", {"threshold": 0.05})
+    paths = {"native": native, "threshold": 0.05}
     for format, name in (("onnx", "model.onnx"), ("torchscript", "model.ts"), ("openvino", "model.xml")):
-        if format != "openvino" or HAVE_OPENVINO:
-            paths[format] = export_model(native, format, folder / name)
+        paths[format] = export_model(native, format, folder / name)
     return paths
 
 
@@ -120,18 +118,15 @@ def test_onnx_and_torchscript_equal_eager(calibrated, exported):
 
 @pytest.mark.parametrize("format", ["native", "onnx", "torchscript", "openvino"])
 def test_inferencer_loads_each_format(format, calibrated, exported, tmp_path):
-    if format == "openvino" and not HAVE_OPENVINO:
-        pytest.skip("OpenVINO is not installed (pip install 'efficientad[openvino]')")
     _, images, reference = calibrated
     inferencer = Inferencer.load(exported[format])
-    assert inferencer.threshold == THRESHOLD and inferencer.image_size == (256, 256)
+    assert inferencer.threshold == exported["threshold"] and inferencer.image_size == (256, 256)
 
     picture = (images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     (prediction,) = inferencer.predict(picture)
     assert prediction.score == pytest.approx(float(reference[0][0].max()), abs=1e-5)
     np.testing.assert_allclose(prediction.anomaly_map, reference[0][0, 0].numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(prediction.global_map, reference[2][0, 0].numpy(), atol=1e-5, rtol=0)
-    assert prediction.is_anomalous == (prediction.score > THRESHOLD)
 
     path = tmp_path / "image.png"
     Image.fromarray(picture).resize((300, 280)).save(path)
@@ -160,7 +155,7 @@ def test_exported_metadata(exported):
     proto = onnx.load(str(exported["onnx"]))
     metadata = json.loads({p.key: p.value for p in proto.metadata_props}["efficientad"])
     assert metadata["image_size"] == [256, 256]
-    assert metadata["threshold"] == THRESHOLD
+    assert metadata["threshold"] == exported["threshold"]
     assert metadata["output_names"] == ["score", "anomaly_map", "local_map", "global_map"]
 
 

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from efficientad.data.images import read_image, resize_to_tensor, to_float
+from efficientad.deploy.inferencer import Inferencer
 from efficientad.detector import EfficientAD
 from efficientad.errors import EfficientADError
 from efficientad.model import load_model
@@ -42,8 +44,23 @@ def test_maps_come_back_at_the_original_size(trained):
     (prediction,) = detector.predict(image)
     assert prediction.anomaly_map.shape == (300, 410)
     assert prediction.local_map.shape == prediction.global_map.shape == (300, 410)
-    assert prediction.score == pytest.approx(float(prediction.anomaly_map.max()))
-    assert prediction.is_anomalous == (prediction.score > detector.threshold)
+    # The score is the plain (unfused) path's maximum at the model's 256x256, not the resized map's.
+    with torch.no_grad():
+        plain = detector.model(to_float(resize_to_tensor(read_image(image), (256, 256))[None]))
+    assert prediction.score == pytest.approx(float(plain[0, 0].max()), rel=1e-5)
+
+
+def test_the_verdict_follows_the_threshold(tiny):
+    inferencer = Inferencer.load(tiny.path)
+    image = tiny.split.test[-1].path
+    score = inferencer.predict(image)[0].score
+    assert score > 0
+    inferencer.threshold = score
+    assert inferencer.predict(image)[0].is_anomalous is False  # above the threshold, not at it
+    inferencer.threshold = score * (1 - 1e-4)
+    assert inferencer.predict(image)[0].is_anomalous is True
+    inferencer.threshold = None
+    assert inferencer.predict(image)[0].is_anomalous is None
 
 
 def test_truncated_file_is_refused(trained, tmp_path):

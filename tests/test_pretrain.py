@@ -341,6 +341,7 @@ def test_teacher_loads_through_the_teacher_loader(cli_teacher):
         load_teacher_file(cli_teacher, "m")
 
 
+@pytest.mark.slow
 def test_teacher_trains_a_detector_through_the_cli(cli_teacher, tmp_path):
     from efficientad.data.synthetic import make_dataset
 

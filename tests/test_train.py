@@ -47,6 +47,7 @@ def test_quantile_equals_torch_quantile(q):
     assert torch.allclose(quantile(values, q), torch.quantile(values, q))
 
 
+@pytest.mark.slow
 def test_hard_loss_runs_beyond_torch_quantile_limit():
     distance = torch.rand(2**25, generator=torch.Generator().manual_seed(0))
     # torch.quantile refused inputs this large in the torch releases the paper's code ran on.
@@ -92,6 +93,7 @@ def _loss_history(steps, **config):
     return losses, model
 
 
+@pytest.mark.slow
 def test_penalty_off_and_on():
     model, images, config = _tiny_setup()
     off = train_networks(model, images, config, penalty_images=None, progress=False)
@@ -101,6 +103,7 @@ def test_penalty_off_and_on():
     assert on["final_losses"]["penalty"] > 0.0 and on["penalty"]
 
 
+@pytest.mark.slow
 def test_cached_teacher_gives_the_same_losses_as_the_plain_path():
     histories = [_loss_history(3, cache_teacher=cache)[0] for cache in (True, False)]
     assert histories[0][0]["total"] > 0
@@ -118,12 +121,14 @@ def test_batched_student_equals_separate_calls():
     assert torch.allclose(together, apart, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_batch_size_above_one_trains():
     model, images, config = _tiny_setup(steps=2, batch_size=2)
     result = train_networks(model, images, config, progress=False)
     assert np.isfinite(result["final_losses"]["total"])
 
 
+@pytest.mark.slow
 def test_training_step_only_updates_student_and_autoencoder():
     model, images, config = _tiny_setup()
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
@@ -163,7 +168,8 @@ def test_learning_rate_drops_tenfold_at_95_percent():
     assert optimizer.param_groups[0]["weight_decay"] == 1e-5
 
 
-@pytest.mark.parametrize("model_size", ["s", pytest.param("m", marks=pytest.mark.slow)])
+@pytest.mark.slow  # about 8 s for S and 25 s for M on 2 cores
+@pytest.mark.parametrize("model_size", ["s", "m"])
 def test_training_step_equals_the_papers_losses_written_plainly(model_size):
     """The optimised step (cached teacher, one trunk pass, half heads) against algorithm 1 verbatim:
     the same losses and the same gradients for every trained parameter (fp32, relative 1e-4)."""
@@ -202,6 +208,7 @@ def test_training_step_equals_the_papers_losses_written_plainly(model_size):
         assert float((have - want).norm() / want.norm()) < 1e-4, tuple(parameter.shape)
 
 
+@pytest.mark.slow
 def test_channels_last_gives_the_same_losses():
     histories = []
     for channels_last in (False, True):

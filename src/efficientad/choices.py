@@ -12,6 +12,8 @@ from .errors import EfficientADError
 MODEL_SIZES = ("s", "m")
 # Arithmetic of the convolutions; fp16 exists on CUDA only, bf16 on CUDA and on CPUs with native bf16.
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Pretraining's autocast; fp16 autocast of a backbone distillation was never tried.
+PRETRAIN_PRECISIONS = ("fp32", "bf16")
 DATASET_FORMATS = ("mvtec", "loco", "visa", "folder")
 # A collection benchmark's name -> the dataset layout of its categories.
 COLLECTIONS = {"mvtec_ad": "mvtec", "loco": "loco", "visa": "visa", "folder": "folder"}

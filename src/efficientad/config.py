@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, TypeVar
 
-from .choices import BACKBONES, MODEL_SIZES, PRECISIONS, check_choice
+from .choices import BACKBONES, MODEL_SIZES, PRECISIONS, PRETRAIN_PRECISIONS, check_choice
 from .errors import EfficientADError
 
 Config = TypeVar("Config", "TrainConfig", "PretrainConfig")
@@ -140,8 +140,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         check_choice("backbone", self.backbone, BACKBONES)
         check_choice("model_size", self.model_size, MODEL_SIZES)
-        # fp16 autocast of a backbone distillation was never tried; bf16 was (benchmarks/pretrain_teacher.py).
-        check_choice("precision", self.precision, ("fp32", "bf16"))
+        check_choice("precision", self.precision, PRETRAIN_PRECISIONS)
         if self.backbone_weights is not None:
             object.__setattr__(self, "backbone_weights", os.fspath(self.backbone_weights))
         _check_positive(self, "steps", "batch_size", "normalization_images", "validation_images", "validate_every")

@@ -18,10 +18,9 @@ def register(subparsers) -> None:
         "and stains, with masks), train EfficientAD-S on its good images for a few minutes on the CPU, "
         "score the test set and write overlays. Uses the official teacher when it is cached or can be "
         "downloaded, else --teacher PATH, else a random teacher (lower accuracy, said so).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", default="efficientad-demo", help="output folder")
-    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps")
+    parser.add_argument("--out", default="efficientad-demo", help="output folder (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps (default: %(default)s)")
     parser.add_argument("--teacher", default=None, metavar="PATH|small|random", help="teacher (default: official if reachable)")
     parser.add_argument(
         "--precision",
@@ -29,8 +28,8 @@ def register(subparsers) -> None:
         default=None,
         help="training precision (default: bf16 with channels-last where the CPU has native bf16, else fp32)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data and training")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data and training (default: %(default)s)")
     parser.set_defaults(handler=run)
 
 

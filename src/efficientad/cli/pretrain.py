@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..choices import BACKBONES, MODEL_SIZES
+from ..choices import BACKBONES, MODEL_SIZES, PRETRAIN_PRECISIONS
 from ..config import PretrainConfig, default
 
-# (flag, PretrainConfig field, type, metavar, help); each help gets the field's default appended.
+# (flag, PretrainConfig field, type, metavar, help); each help gets the field's default appended
+# unless the field's default is None, whose meaning the help says itself.
 SETTINGS = (
     ("--model-size", "model_size", str, None, "PDN size of the teacher"),
     ("--steps", "steps", int, "N", "optimisation steps"),
@@ -20,12 +21,12 @@ SETTINGS = (
     ("--validation-images", "validation_images", int, "N", "images held out, at most"),
     ("--validate-every", "validate_every", int, "N", "steps between validations"),
     ("--checkpoint-every", "checkpoint_every", int, "N", "steps between saves of OUT.ckpt (0: none)"),
-    ("--time-budget", "time_budget", float, "SECONDS", "stop after this wall-clock time, statistics pass included"),
+    ("--time-budget", "time_budget", float, "SECONDS", "stop after this wall-clock time, statistics pass included (default: none)"),
     ("--precision", "precision", str, None, "fp32, or bf16 autocast for the forward passes"),
-    ("--workers", "workers", int, "N", "image loading processes (None: CPUs-1, at most 8)"),
+    ("--workers", "workers", int, "N", "image loading processes (default: CPUs-1, at most 8)"),
     ("--seed", "seed", int, "N", "seed for the split, sampling, augmentation and init"),
 )
-CHOICES = {"model_size": MODEL_SIZES, "precision": ("fp32", "bf16")}
+CHOICES = {"model_size": MODEL_SIZES, "precision": PRETRAIN_PRECISIONS}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for flag, name, kind, metavar, text in SETTINGS:
         parser.add_argument(
             flag, dest=name, type=kind, metavar=metavar, choices=CHOICES.get(name),
-            help=f"{text} (default: {default(PretrainConfig, name)})",
+            help=text if default(PretrainConfig, name) is None else f"{text} (default: {default(PretrainConfig, name)})",
         )
     parser.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")

@@ -25,12 +25,11 @@ def register(subparsers) -> None:
         "out during training, FPR being the training's --false-positive-rate (1% unless set otherwise), so "
         "about that fraction of good images is flagged. --threshold overrides it; scores are on a scale "
         "where 0 is typical of good images and 0.1 is their rare extreme.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="model file written by `efficientad train`, or an ONNX/TorchScript/OpenVINO export of one")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface) (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument(
         "--precision", choices=PRECISIONS, help="default: the model's calibration precision where this machine runs it natively, else fp32"
     )
@@ -40,20 +39,20 @@ def register(subparsers) -> None:
         default=None,
         help="decision threshold: scores above it are anomalous; None: the model file's (see above)",
     )
-    parser.add_argument("--max-upload-mb", type=float, default=SERVE_MAX_UPLOAD_MB, help="larger uploads get 413")
+    parser.add_argument("--max-upload-mb", type=float, default=SERVE_MAX_UPLOAD_MB, help="larger uploads get 413 (default: %(default)s)")
     parser.add_argument(
         "--max-megapixels",
         type=float,
         default=SERVE_MAX_MEGAPIXELS,
-        help="images with more pixels get 413 (checked from the header: decompression bombs are not decoded)",
+        help="images with more pixels get 413 (checked from the header: decompression bombs are not decoded) (default: %(default)s)",
     )
     parser.add_argument(
         "--max-pending",
         type=int,
         default=64,
-        help="connections and requests in progress at once; more get 503 (bounds memory to about this x the upload limit)",
+        help="connections and requests in progress at once; more get 503 (bounds memory to about this x the upload limit) (default: %(default)s)",
     )
-    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="server log level")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="server log level (default: %(default)s)")
     parser.set_defaults(handler=run)
 
 

@@ -1,8 +1,9 @@
 """Calibration: the map quantiles and the decision threshold, measured on held-out normal images.
 
-Both are measured with the deployed prediction path itself (the fused module, in the precision the
-model will predict in), so a validation image scored later by ``predict``, ``eval`` or ``serve``
-gets exactly the score its threshold was set from.
+Both are measured with the deployed prediction path itself: the fused module's raw maps, in the
+precision the model will predict in, normalised and scored by the same functions of
+:mod:`efficientad.model` that the fused module applies. A validation image scored later by
+``predict``, ``eval`` or ``serve`` gets the score its threshold was set from.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from ..config import PREDICT_BATCH_SIZE, TrainConfig
 from ..data.images import to_float
 from ..deploy.fused import FusedModel
 from ..deploy.runtimes import make_session
-from ..model import EfficientADModel, MapQuantiles
+from ..model import EfficientADModel, MapQuantiles, image_scores, map_scale, normalize_maps, to_image_grid
 from .train import quantile
 
 
@@ -34,9 +35,8 @@ def calibrate(model: EfficientADModel, images: torch.Tensor, config: TrainConfig
     for start, end in ((0, 1), (2, 3)):
         q[end] = torch.maximum(q[end], q[start] + 1e-12)
     model.map_quantiles.copy_(torch.stack(q))
-
-    predicting = make_session(FusedModel(model), "torch", config.precision, device)
-    scores = torch.cat([torch.from_numpy(predicting.run(batch).score) for batch in batches]).double()
+    maps = to_image_grid(normalize_maps(raw, *map_scale(model.map_quantiles.cpu())), model.image_size)
+    scores = image_scores(maps).double()
     threshold = float(torch.quantile(scores, 1.0 - config.false_positive_rate))
     return {
         "map_quantiles": MapQuantiles(*(float(value) for value in q))._asdict(),
