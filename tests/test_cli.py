@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -141,3 +142,19 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     scores = [p.score for p in Inferencer.load(tmp_path / "demo" / "model.pt").predict([s.path for s in split.test])]
     assert record["metrics"]["image_auroc"] == pytest.approx(image_auroc(split.labels, scores), abs=1e-9)
     assert len(list((tmp_path / "demo" / "overlays").glob("*.png"))) == record["n_test"]
+
+
+def test_a_third_image_size_value_is_refused(dataset, tmp_path, capsys):
+    args = ["train", "--data", str(dataset), "--category", "part", "--out", str(tmp_path), "--image-size", "256", "256", "256"]
+    assert main(args) == 2
+    assert "--image-size takes N or H W, got 3 values" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "eval", "serve", "export", "bench", "pretrain", "benchmark", "demo"])
+def test_help_states_each_default_once(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert text.count("(default:") == len(re.findall(r"\(default:[^)]*\)", text))
+    assert not re.search(r"\(default:[^)]*\) \(default:", text)

@@ -1,4 +1,5 @@
 import json
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -11,8 +12,16 @@ from efficientad.deploy.formats import export_model
 from efficientad.deploy.fused import FusedModel
 from efficientad.deploy.inferencer import Inferencer
 from efficientad.deploy.runtimes import OnnxRuntimeSession, TorchSession
-from efficientad.model import EfficientADModel, load_model, map_scale, normalize_maps, save_model, to_image_grid
+from efficientad.model import EfficientADModel, load_model, map_scale, normalize_maps, pad_maps, save_model, to_image_grid
 
+
+
+class Reference(NamedTuple):
+    score: torch.Tensor
+    anomaly_map: torch.Tensor
+    local_map: torch.Tensor
+    global_map: torch.Tensor
+    at_image_size: torch.Tensor
 
 
 @pytest.fixture(scope="module", params=["s", pytest.param("m", marks=pytest.mark.slow)])
@@ -33,8 +42,11 @@ def calibrated(request, tiny):
             local, global_ = model.raw_maps(images).unbind(dim=1)
             model.map_quantiles.copy_(torch.stack([local.min() / 2, local.max(), global_.min() / 2, global_.max()]))
     with torch.no_grad():
-        maps = model(images)
-    return model, images, [maps[:, 0:1], maps[:, 1:2], maps[:, 2:3]]
+        at_image_size = model(images)  # the plain path: maps at 256x256
+        padded = pad_maps(normalize_maps(model.raw_maps(images), *map_scale(model.map_quantiles)))
+    # What the fused module hands back: scores at the image size, maps at the padded 64x64 grid.
+    reference = Reference(at_image_size[:, 0].amax(dim=(1, 2)), padded[:, 0:1], padded[:, 1:2], padded[:, 2:3], at_image_size)
+    return model, images, reference
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +64,7 @@ def exported(calibrated, tiny, tiny_exports, tmp_path_factory):
 
 
 def _assert_outputs_close(outputs, reference, atol=1e-5):
-    combined, local, global_ = reference
-    np.testing.assert_allclose(np.asarray(outputs[0]), combined.amax(dim=(1, 2, 3)).numpy(), atol=atol, rtol=0)
-    for got, want in zip(outputs[1:], reference):
+    for got, want in zip(outputs, reference[:4]):
         np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=atol, rtol=0)
 
 
@@ -62,7 +72,7 @@ def test_fused_module_equals_training_path(calibrated):
     model, images, reference = calibrated
     with torch.no_grad():
         outputs = FusedModel(model)(images)
-    assert outputs[0].shape == (2,) and outputs[1].shape == (2, 1, 256, 256)
+    assert outputs[0].shape == (2,) and outputs[1].shape == (2, 1, 64, 64)
     _assert_outputs_close([t.numpy() for t in outputs], reference)
 
 
@@ -89,7 +99,7 @@ def test_output_size_and_channels_last_session(calibrated):
     assert output.anomaly_map.shape == (1, 1, 100, 120)
     np.testing.assert_allclose(output.anomaly_map, _maps_at(model, images[:1], (100, 120))[:, 0:1], atol=1e-5, rtol=0)
     # The score stays the maximum at the model's image size, whatever size the maps come out at.
-    np.testing.assert_allclose(output.score, reference[0][:1].amax(dim=(1, 2, 3)).numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(output.score, reference.score[:1].numpy(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 on this CPU")
@@ -99,7 +109,7 @@ def test_bf16_session_stays_close(calibrated):
     output = TorchSession(module, precision="bf16", threads=2).run(images[:1])
     assert output.anomaly_map.dtype == np.float32
     assert module.local_head.weight.dtype == torch.float32, "the session must convert a copy"
-    _assert_outputs_close(output, [m[:1] for m in reference], atol=0.02)
+    _assert_outputs_close(output, [m[:1] for m in reference[:4]], atol=0.02)
 
 
 def test_uncalibrated_model_and_bad_precision_raise(calibrated):
@@ -124,9 +134,11 @@ def test_inferencer_loads_each_format(format, calibrated, exported, tmp_path):
 
     picture = (images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     (prediction,) = inferencer.predict(picture)
-    assert prediction.score == pytest.approx(float(reference[0][0].max()), abs=1e-5)
-    np.testing.assert_allclose(prediction.anomaly_map, reference[0][0, 0].numpy(), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(prediction.global_map, reference[2][0, 0].numpy(), atol=1e-5, rtol=0)
+    assert prediction.score == pytest.approx(float(reference.score[0]), abs=1e-5)
+    # A 256x256 picture: its maps are the plain path's at the model's image size.
+    np.testing.assert_allclose(prediction.anomaly_map, reference.at_image_size[0, 0].numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(prediction.global_map, reference.at_image_size[0, 2].numpy(), atol=1e-5, rtol=0)
+    assert prediction.local_score == pytest.approx(float(reference.at_image_size[0, 1].max()), abs=1e-5)
 
     path = tmp_path / "image.png"
     Image.fromarray(picture).resize((300, 280)).save(path)

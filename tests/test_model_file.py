@@ -117,3 +117,21 @@ def test_untrained_detector_cannot_predict_or_save(tmp_path):
     with pytest.raises(EfficientADError, match="not trained"):
         detector.save(tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("kind", ["model", "teacher"])
+def test_an_empty_file_gives_a_one_line_error(kind, tmp_path):
+    """A full disk or an interrupted copy leaves 0-byte files; they must not end in an IndexError."""
+    from efficientad.training.teacher import load_teacher_file
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(EfficientADError, match=f"cannot read {kind} file .*empty.pt") as error:
+        load_model(empty) if kind == "model" else load_teacher_file(empty, "s")
+    assert "\n" not in str(error.value)
+
+
+def test_a_bad_teacher_is_reported_before_any_image_is_read(tmp_path):
+    detector = EfficientAD(teacher=str(tmp_path / "missing.pth"), progress=False)
+    with pytest.raises(EfficientADError, match="missing.pth"):
+        detector.fit([tmp_path / "not-an-image.png"] * 4)

@@ -11,10 +11,12 @@ here and used by calibration, prediction and the fused deployment module alike:
   ``(teacher_norm - student[:, :384])**2``, global = channel mean of ``(autoencoder - student[:, 384:])**2``
 - :func:`normalize_maps`: each mapped linearly so that its validation quantile q0.9 -> 0 and
   q0.995 -> 0.1 (:class:`MapQuantiles`), and combined = their mean
-- :func:`to_image_grid`: padded by 4 pixels per side, resized bilinearly
+- :func:`pad_maps`: padded by 4 pixels per side (the unpadded PDNs' lost border), and
+  :func:`resize_maps` bilinearly to a size; :func:`to_image_grid` does both
 - :func:`image_scores`: the image score is the combined map's maximum at the model's image size.
-  Maps shown at an image's own size are for display and pixel metrics; the score, and so the
-  threshold calibrated on it, never depends on the size of the uploaded image.
+  Maps shown at an image's own size (the padded maps resized straight to it, as the reference
+  does) are for display and pixel metrics; the score, and so the threshold calibrated on it, never
+  depends on the size of the uploaded image.
 """
 
 from __future__ import annotations
@@ -69,10 +71,19 @@ def normalize_maps(raw: torch.Tensor, gain: torch.Tensor, offset: torch.Tensor) 
     return torch.cat([maps.mean(dim=1, keepdim=True), maps], dim=1)
 
 
+def pad_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Feature-grid maps padded by 4 pixels per side: (h, w) -> (h + 8, w + 8), 64x64 at 256x256."""
+    return F.pad(maps, (MAP_PADDING,) * 4)
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (N, C, h, w) maps to ``size``, as the reference reproduction resizes them."""
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 def to_image_grid(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Pad feature-grid maps by 4 pixels per side and resize them bilinearly to ``size``."""
-    padded = F.pad(maps, (MAP_PADDING,) * 4)
-    return F.interpolate(padded, size=tuple(size), mode="bilinear", align_corners=False)
+    return resize_maps(pad_maps(maps), size)
 
 
 def image_scores(maps: torch.Tensor) -> torch.Tensor:
@@ -106,6 +117,12 @@ class EfficientADModel(nn.Module):
     def feature_size(self) -> tuple[int, int]:
         height, width = self.image_size
         return pdn_output_side(self.model_size, height), pdn_output_side(self.model_size, width)
+
+    @property
+    def padded_map_size(self) -> tuple[int, int]:
+        """The side lengths of the padded maps: the feature grid plus 4 pixels per side."""
+        height, width = self.feature_size
+        return height + 2 * MAP_PADDING, width + 2 * MAP_PADDING
 
     @property
     def is_calibrated(self) -> bool:

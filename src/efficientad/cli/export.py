@@ -14,7 +14,7 @@ def register(subparsers) -> None:
         description="Export the whole inference path (normalisation, networks, maps, resize, score) of a model "
         "file. The exported file embeds the image size, input dtype and threshold; load it with "
         "efficientad.Inferencer (or serve it with `efficientad serve --model FILE`). Input: 'images' (N, 3, H, W) RGB; outputs: score (N,), anomaly_map, "
-        "local_map, global_map (N, 1, H, W).",
+        "local_map, global_map (N, 1, h, w), see --output-size.",
     )
     parser.add_argument("--model", required=True, help="model file written by `efficientad train`")
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="export format")
@@ -26,7 +26,8 @@ def register(subparsers) -> None:
         default="float32",
         help="float32 (default) takes images in [0, 1]; uint8 takes raw bytes and folds the /255 into the graph",
     )
-    parser.add_argument("--output-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="size of the maps (default: the model's image size)")
+    parser.add_argument("--output-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="size of the map outputs (default: the padded feature grid, 64x64 for 256x256 images, which a bilinear resize "
+        "to the image's size turns into the reference's map; the score is always taken at the model's image size)")
     parser.set_defaults(handler=run)
 
 

@@ -185,7 +185,7 @@ def export_model(
     """Export a model file (or a loaded :class:`EfficientADModel`) to ``format`` at ``out``.
 
     The threshold defaults to the model file's; ``output_size`` (height, width) of the maps to the
-    model's image size; ``input_dtype`` ``"uint8"`` makes the graph take raw bytes in [0, 255].
+    padded feature grid (64x64 at 256x256; resize it bilinearly to your image, as the Inferencer does); ``input_dtype`` ``"uint8"`` makes the graph take raw bytes in [0, 255].
     The written file is opened again and must give the fused model's scores (relative
     :data:`EXPORT_TOLERANCE`) on a random image, else the export is refused and removed.
     """

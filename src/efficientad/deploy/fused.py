@@ -30,7 +30,7 @@ from torch import nn
 
 from ..choices import INPUT_DTYPES, check_choice
 from ..errors import EfficientADError
-from ..model import EfficientADModel, image_scores, map_scale, normalize_maps, to_image_grid
+from ..model import EfficientADModel, image_scores, map_scale, normalize_maps, pad_maps, resize_maps
 from ..networks import TEACHER_CHANNELS
 
 
@@ -71,7 +71,9 @@ class FusedModel(nn.Module):
     model do not reach it). ``forward(images)`` takes (N, 3, H, W) at the model's ``image_size``,
     floats in [0, 1] or, with ``input_dtype="uint8"``, bytes in [0, 255], and returns
     ``(score, anomaly_map, local_map, global_map)``: scores (N,) and maps (N, 1, *output_size*),
-    always float32. ``output_size`` defaults to ``image_size``.
+    always float32. The score is the combined map's maximum at ``image_size``. ``output_size``
+    defaults to the padded feature grid (64x64 at 256x256): resized bilinearly to an image's own
+    size, such a map is exactly the reference reproduction's, and it is 16x smaller to hand back.
     """
 
     def __init__(
@@ -87,7 +89,8 @@ class FusedModel(nn.Module):
         check_choice("input_dtype", input_dtype, INPUT_DTYPES)
         self.model_size = model.model_size
         self.image_size = tuple(model.image_size)
-        self.output_size = self.image_size if output_size is None else tuple(int(v) for v in output_size)
+        self.output_size = model.padded_map_size if output_size is None else tuple(int(v) for v in output_size)
+        self.resize_output = self.output_size != model.padded_map_size
         if len(self.output_size) != 2 or min(self.output_size) < 1:
             raise EfficientADError(f"output_size must be (height, width) of positive ints, got {output_size!r}")
         self.input_dtype = input_dtype
@@ -162,10 +165,8 @@ class FusedModel(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        maps = normalize_maps(self.raw_maps(images), self.map_gain, self.map_offset)
-        resized = to_image_grid(maps, self.image_size)
-        # The score is always taken at the image size, so an export with another output size keeps it.
-        score = image_scores(resized)
-        if self.output_size != self.image_size:
-            resized = to_image_grid(maps, self.output_size)
-        return score, resized[:, 0:1], resized[:, 1:2], resized[:, 2:3]
+        padded = pad_maps(normalize_maps(self.raw_maps(images), self.map_gain, self.map_offset))
+        # The score is always taken at the image size, whatever size the maps are handed back at.
+        score = image_scores(resize_maps(padded, self.image_size))
+        maps = resize_maps(padded, self.output_size) if self.resize_output else padded
+        return score, maps[:, 0:1], maps[:, 1:2], maps[:, 2:3]

@@ -19,14 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..choices import BACKEND_PRECISIONS, BACKENDS, check_choice
 from ..config import PREDICT_BATCH_SIZE
 from ..data.images import ImageInput, read_image, resize_to_tensor
 from ..device import resolve_device, usable_precision
 from ..errors import EfficientADError
-from ..model import EfficientADModel, load_model
+from ..model import EfficientADModel, load_model, resize_maps
 from .formats import Session, detect_format, inference_metadata, open_export
 from .fused import FusedModel
 from .runtimes import InferenceOutput, check_batch, make_session
@@ -43,7 +42,7 @@ class Prediction:
     threshold was calibrated on, whatever the size of the image. ``anomaly_map`` (combined),
     ``local_map`` (teacher vs student: small defects) and ``global_map`` (autoencoder vs student:
     logical anomalies) are float32 arrays at the image's own size, for display and pixel metrics;
-    ``local_score`` and ``global_score`` are their branches' maxima at the model's size. On the
+    ``local_score`` and ``global_score`` are their branches' maxima at the model's image size, like ``score``. On the
     normalised scale 0 is typical of normal images and 0.1 is their rare extreme.
     """
 
@@ -59,8 +58,7 @@ class Prediction:
 def _resize(map_: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if map_.shape == size:
         return map_
-    tensor = torch.from_numpy(np.ascontiguousarray(map_))[None, None]
-    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    return resize_maps(torch.from_numpy(np.ascontiguousarray(map_))[None, None], size)[0, 0].numpy()
 
 
 class Inferencer:
@@ -155,7 +153,7 @@ class Inferencer:
             anomaly_map=_resize(output.anomaly_map[i, 0], size),
             local_map=_resize(output.local_map[i, 0], size),
             global_map=_resize(output.global_map[i, 0], size),
-            local_score=float(output.local_map[i].max()),
-            global_score=float(output.global_map[i].max()),
+            local_score=float(_resize(output.local_map[i, 0], self.image_size).max()),
+            global_score=float(_resize(output.global_map[i, 0], self.image_size).max()),
             is_anomalous=None if self.threshold is None else score > self.threshold,
         )
