@@ -146,6 +146,7 @@ def test_inferencer_loads_each_format(format, calibrated, exported, tmp_path):
     assert prediction.anomaly_map.shape == (280, 300)
 
 
+@pytest.mark.slow
 def test_export_cli_uint8_onnx_with_output_size(calibrated, exported, tmp_path):
     _, images, _ = calibrated
     out = tmp_path / "bytes.onnx"

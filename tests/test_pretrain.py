@@ -193,6 +193,7 @@ def test_a_few_steps_reduce_the_loss(images, tmp_path):
     assert not checkpoint_path(tmp_path / "teacher.pth").exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_step_as_if_uninterrupted(images, tmp_path):
     out = tmp_path / "resumed" / "teacher.pth"
     first = pretrain_teacher(images, out, steps=4, checkpoint_every=2, **TINY)

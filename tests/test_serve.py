@@ -119,6 +119,7 @@ def test_threshold_override_leaves_the_detector_alone(trained, sample):
     assert info["model_file_threshold"] == detector.threshold
 
 
+@pytest.mark.slow
 def test_concurrent_requests_all_get_their_own_answer(client, trained):
     detector, _ = trained
     rng = np.random.default_rng(3)
