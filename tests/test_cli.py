@@ -158,3 +158,26 @@ def test_help_states_each_default_once(command, capsys):
     assert "(default: None)" not in text
     assert text.count("(default:") == len(re.findall(r"\(default:[^)]*\)", text))
     assert not re.search(r"\(default:[^)]*\) \(default:", text)
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_bad_output_folder_fails_before_training(where, dataset, tmp_path, monkeypatch, capsys):
+    from efficientad.detector import EfficientAD
+
+    monkeypatch.setattr(EfficientAD, "fit", lambda *args, **kwargs: pytest.fail("training started"))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    out = blocker if where == "a file" else blocker / "run"
+    assert main(["train", "--data", str(dataset), "--category", "part", "--teacher", "random", "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("efficientad train: error:") and str(out) in error and "\n" not in error
+
+
+def test_an_os_error_is_one_line_that_names_the_path(trained, monkeypatch, capsys, tmp_path):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "scores.csv"))
+
+    monkeypatch.setattr("efficientad.cli.predict.csv.writer", full_disk)
+    assert main(["predict", "--model", str(trained / "model.pt"), str(trained), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == f"efficientad predict: error: No space left on device: {tmp_path / 'out' / 'scores.csv'}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import threading
 import zlib
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -69,6 +71,22 @@ def test_model_describes_the_model_file(client, trained):
     assert info["training_seconds"] > 0
     assert info["config"]["steps"] == 2
     assert "metrics" in info
+    assert "versions" not in info and "server_version" not in info
+
+
+def test_model_shows_paths_and_versions_only_when_asked(tiny, tmp_path):
+    content = torch.load(tiny.path, weights_only=True)
+    content["teacher_source"] = "/srv/plant-7/teachers/teacher.pth"
+    content["config"]["penalty_images"] = "/srv/plant-7/imagenet"
+    path = tmp_path / "model.pt"
+    torch.save(content, path)
+    with TestClient(serve.create_app(path)) as client:
+        info = client.get("/model").json()
+    assert info["teacher_source"] == "teacher.pth" and info["config"]["penalty_images"] == "imagenet"
+    assert "/srv" not in json.dumps(info)
+    with TestClient(serve.create_app(path, show_details=True)) as client:
+        info = client.get("/model").json()
+    assert info["teacher_source"] == "/srv/plant-7/teachers/teacher.pth" and info["versions"]["torch"]
 
 
 @pytest.mark.parametrize("as_multipart", [True, False], ids=["multipart", "raw"])

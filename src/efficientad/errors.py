@@ -10,6 +10,13 @@ class EfficientADError(ValueError):
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of a third-party error's message, or its type when the message is empty."""
-    lines = str(error).strip().splitlines()
+    """The first line of a third-party error's message, or its type when the message is empty.
+
+    torch's refusal to unpickle code comes with advice to load the file unsafely; that advice is
+    never passed on.
+    """
+    text = str(error).strip()
+    if text.startswith("Weights only load failed"):
+        return "it holds pickled objects other than tensors, which are never loaded (they could run code)"
+    lines = text.splitlines()
     return lines[0] if lines else type(error).__name__

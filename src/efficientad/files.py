@@ -66,3 +66,22 @@ def write_run_record(path: str | os.PathLike, record: dict[str, Any]) -> Path:
     }
     text = json.dumps(content, indent=2, default=str) + "\n"
     return atomic_write(path, lambda temporary: Path(temporary).write_text(text))
+
+
+def check_output_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and prove that files can be written in it, before any long work.
+
+    Raises :class:`EfficientADError` naming the folder when it is a file, lies under a file, or is not writable.
+    """
+    from .errors import EfficientADError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise EfficientADError(f"output folder {folder} is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise EfficientADError(f"cannot write to output folder {folder}: {error.strerror or error}") from None
+    return folder

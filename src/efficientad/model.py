@@ -21,6 +21,8 @@ here and used by calibration, prediction and the fused deployment module alike:
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -161,6 +163,16 @@ class EfficientADModel(nn.Module):
         return to_image_grid(normalize_maps(self.raw_maps(images), gain, offset), self.image_size)
 
 
+def tensors_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes: what a flipped byte in a model file changes."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_model(model: EfficientADModel, path: str | os.PathLike, metadata: dict[str, Any]) -> Path:
     """Write the model file: weights, normalisation constants, config and versions in one dict.
 
@@ -168,12 +180,14 @@ def save_model(model: EfficientADModel, path: str | os.PathLike, metadata: dict[
     """
     if not model.is_calibrated:
         raise EfficientADError("refusing to save a model without map quantiles (it was not trained)")
+    state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     content = {
         "format": MODEL_FORMAT,
         "format_version": MODEL_FORMAT_VERSION,
         "model_size": model.model_size,
         "image_size": list(model.image_size),
-        "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
+        "state_dict": state_dict,
+        "tensor_sha256": tensors_sha256(state_dict),
         "versions": versions(),
         **metadata,
     }
@@ -204,11 +218,17 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         content, path, MODEL_FORMAT, MODEL_FORMAT_VERSION,
         "is not an efficientad model file (a teacher or another checkpoint?)",
     )
+    stored_digest = content.get("tensor_sha256")  # absent from files written before it existed
+    if stored_digest is not None and (not isinstance(content.get("state_dict"), dict) or tensors_sha256(content["state_dict"]) != stored_digest):
+        raise EfficientADError(f"model file {path} is corrupt: its weights do not match the SHA-256 stored with them")
     try:
         model = EfficientADModel(content["model_size"], tuple(content["image_size"]))
         model.load_state_dict(content["state_dict"])
     except (KeyError, RuntimeError, ValueError) as error:
         detail = " ".join(str(error).split())[:300]
         raise EfficientADError(f"model file {path} is incomplete or inconsistent: {detail}") from None
+    threshold = content.get("threshold")
+    if not model.is_calibrated or (threshold is not None and not math.isfinite(threshold)):
+        raise EfficientADError(f"model file {path} holds non-finite map quantiles or threshold: retrain the model")
     metadata = {key: value for key, value in content.items() if key != "state_dict"}
     return model.eval(), metadata

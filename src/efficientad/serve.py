@@ -31,6 +31,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from importlib import resources
 from typing import Any, Literal
 
@@ -182,12 +183,23 @@ def score_headers(result: PredictResponse) -> dict[str, str]:
     }
 
 
-def model_info(inferencer: Inferencer, threshold: float | None, overridden: bool) -> dict[str, Any]:
-    """What ``GET /model`` answers: the model's configuration, threshold and training record."""
+def _file_name(value: Any) -> Any:
+    """A path's last part; other values as they are."""
+    return Path(value).name if isinstance(value, str) and ("/" in value or "\\" in value) else value
+
+
+def model_info(inferencer: Inferencer, threshold: float | None, overridden: bool, details: bool = False) -> dict[str, Any]:
+    """What ``GET /model`` answers: the model's configuration, threshold and training record.
+
+    Paths (teacher, penalty images) are cut to their file names, and library versions left out, unless
+    ``details``: a server's folders and exact versions help an attacker more than a user.
+    """
     trained = inferencer.metadata.get("model") or {}
     config = trained.get("config") or {}
     training = trained.get("training") or {}
-    return {
+    if not details:
+        config = {key: _file_name(value) for key, value in config.items()}
+    info = {
         "model_size": inferencer.metadata.get("model_size"),
         "image_size": list(inferencer.image_size),
         "file_format": inferencer.format,
@@ -196,17 +208,18 @@ def model_info(inferencer: Inferencer, threshold: float | None, overridden: bool
         "threshold_source": "override" if overridden else "model file",
         "model_file_threshold": inferencer.metadata.get("threshold"),
         "false_positive_rate": config.get("false_positive_rate"),
-        "teacher_source": trained.get("teacher_source"),
+        "teacher_source": trained.get("teacher_source") if details else _file_name(trained.get("teacher_source")),
         "training_seconds": training.get("total_seconds"),
         "n_train_images": trained.get("n_train_images"),
         "n_validation_images": trained.get("n_validation_images"),
         "metrics": trained.get("metrics"),
         "config": config,
         "calibration": trained.get("calibration"),
-        "versions": trained.get("versions"),
         "device": str(getattr(inferencer.session, "device", "cpu")),
-        "server_version": __version__,
     }
+    if details:
+        info.update(versions=trained.get("versions"), server_version=__version__)
+    return info
 
 
 def index_page() -> str:
@@ -220,6 +233,7 @@ def create_app(
     device: str = "cpu",
     precision: str | None = None,
     threshold: float | None = None,
+    show_details: bool = False,
     max_upload_mb: float = SERVE_MAX_UPLOAD_MB,
     max_megapixels: float = SERVE_MAX_MEGAPIXELS,
 ) -> FastAPI:
@@ -229,7 +243,8 @@ def create_app(
     ``precision``, by default the one it was calibrated in) or an :class:`Inferencer`, used as it is
     (``device`` and ``precision`` are then ignored, and its own threshold is left untouched).
     ``threshold`` overrides the model's decision threshold for this app (see the module docstring
-    for what that threshold is). Uploads over ``max_upload_mb`` megabytes or ``max_megapixels``
+    for what that threshold is). ``show_details`` lets ``GET /model`` show full paths and library
+    versions. Uploads over ``max_upload_mb`` megabytes or ``max_megapixels``
     million pixels are refused with 413.
     """
     if max_upload_mb <= 0:
@@ -286,7 +301,7 @@ def create_app(
 
     @app.get("/model", summary="the model: configuration, image size, threshold, teacher, training record")
     async def describe_model() -> dict[str, Any]:
-        return model_info(inferencer, decision_threshold, threshold is not None)
+        return model_info(inferencer, decision_threshold, threshold is not None, show_details)
 
     @app.post(
         "/predict",

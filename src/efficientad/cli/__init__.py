@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     except EfficientADError as error:
         print(f"efficientad {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk, a vanished folder, a permission: the path and the reason, one line
+        where = f": {error.filename}" if error.filename else ""
+        print(f"efficientad {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"efficientad {args.command}: interrupted", file=sys.stderr)
         return 130

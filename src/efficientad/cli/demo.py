@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..choices import PRECISIONS
 
@@ -56,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
     from ..detector import EfficientAD
     from ..device import cpu_supports_bf16
     from ..evaluation.metrics import image_auroc
-    from ..files import write_run_record
+    from ..files import check_output_folder, write_run_record
     from ..visualize import display_range, overlay
 
-    out = Path(args.out)
+    out = check_output_folder(args.out)
     category_dir = make_dataset(out / "data", seed=args.seed)
     print(f"generated a synthetic inspection set in {category_dir}")
     split = load_split("mvtec", category_dir.parent, category_dir.name)

@@ -39,8 +39,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data.datasets import load_split
     from ..evaluation.evaluate import evaluate
-    from ..files import write_run_record
+    from ..files import check_output_folder, write_run_record
 
+    check_output_folder(args.out)
     split = load_split(args.format, args.data, args.category)
     detector = load_inferencer(args)
     out = Path(args.out)

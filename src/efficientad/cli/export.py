@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..choices import EXPORT_FORMATS, INPUT_DTYPES
 
@@ -33,7 +34,9 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..deploy.formats import export_model
+    from ..files import check_output_folder
 
+    check_output_folder(Path(args.out).parent)
     path = export_model(
         args.model,
         args.format,

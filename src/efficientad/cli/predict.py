@@ -61,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.images import read_image
     from ..errors import EfficientADError
-    from ..files import write_run_record
+    from ..files import check_output_folder, write_run_record
     from ..visualize import display_range, overlay
 
+    check_output_folder(args.out)
     detector = load_inferencer(args)
     if args.threshold is not None:
         detector.threshold = args.threshold

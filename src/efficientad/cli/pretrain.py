@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..choices import BACKBONES, MODEL_SIZES, PRETRAIN_PRECISIONS
 from ..config import PretrainConfig, default
@@ -65,8 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``efficientad pretrain`` with parsed arguments; returns the exit code."""
+    from ..files import check_output_folder
     from ..training.pretrain import pretrain_teacher
 
+    check_output_folder(Path(args.out).parent)
     names = ("backbone", "backbone_weights", *(name for _, name, *_ in SETTINGS))
     settings = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     result = pretrain_teacher(args.images, args.out, device=args.device, resume=args.resume, progress=not args.quiet, **settings)

@@ -52,6 +52,9 @@ def register(subparsers) -> None:
         default=64,
         help="connections and requests in progress at once; more get 503 (bounds memory to about this x the upload limit) (default: %(default)s)",
     )
+    parser.add_argument(
+        "--show-details", action="store_true", help="GET /model shows full paths and library versions (default: file names only)"
+    )
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="server log level (default: %(default)s)")
     parser.set_defaults(handler=run)
 
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         threshold=args.threshold,
+        show_details=args.show_details,
         max_upload_mb=args.max_upload_mb,
         max_megapixels=args.max_megapixels,
     )

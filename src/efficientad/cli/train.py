@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..choices import DATASET_FORMATS
 from .options import add_training_options, show_warnings, training_settings
@@ -27,13 +26,13 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data.datasets import load_split
     from ..detector import EfficientAD
-    from ..files import write_run_record
+    from ..files import check_output_folder, write_run_record
 
     show_warnings()
+    out = check_output_folder(args.out)
     detector = EfficientAD(**training_settings(args))
     split = load_split(args.format, args.data, args.category)
     detector.fit(split.train, split.validation)
-    out = Path(args.out)
     model_path = detector.save(out / "model.pt")
     meta = detector.metadata_
     kept = ("config", "inference_precision", "teacher_source", "threshold", "n_train_images", "n_validation_images", "training", "calibration")

@@ -317,13 +317,13 @@ def run_benchmark(
     """
     from ..data.datasets import load_split
     from ..detector import EfficientAD
+    from ..files import check_output_folder
 
     _check_collection(collection)
     root, out = Path(root).resolve(), Path(out).resolve()
     if out == root or root in out.parents:
         raise EfficientADError(f"output folder {out} lies inside the dataset root {root}: choose a folder outside it")
-    if out.exists() and not out.is_dir():
-        raise EfficientADError(f"output folder {out} is a file")
+    check_output_folder(out)
     expected = {**EfficientAD(**detector).config.as_dict(), "device": str(detector.get("device") or "cpu")}
     names = find_categories(collection, root, categories)
     model_size = expected["model_size"]
