@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from efficientad.choices import EXPORT_FORMATS
 from efficientad.deploy.formats import FORMATS
 
@@ -23,6 +25,7 @@ print(json.dumps({"before_use": before_use, "serving": serving, "public": Effici
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and the serving stack; `lint-imports` is the fast check
 def test_import_rules_hold_in_a_fresh_interpreter():
     result = json.loads(subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout)
     # `import efficientad` and `efficientad --help` load no torch.

@@ -37,7 +37,7 @@ def smooth_photo(height: int, width: int, seed: int = 0) -> np.ndarray:
 def test_a_validation_image_scores_exactly_its_threshold():
     """10 copies of one 1024x1024 photo: the held-out copy sets the threshold, and the photo scores it."""
     photo = smooth_photo(1024, 1024)
-    detector = fit_quietly(EfficientAD(teacher="random", steps=2, progress=False), [photo] * 10)
+    detector = fit_quietly(EfficientAD(teacher="random", steps=1, progress=False), [photo] * 10)
     assert detector.metadata_["n_validation_images"] == 1
     (prediction,) = detector.predict(photo)
     assert prediction.score == pytest.approx(detector.threshold, rel=1e-3)
@@ -80,7 +80,7 @@ def test_load_restores_the_whole_configuration(tiny):
 @pytest.mark.skipif(not HAVE_BF16, reason="this CPU has no native bf16 (AVX-512 BF16 or AMX)")
 def test_a_bf16_model_calibrates_saves_loads_and_predicts_in_bf16(tiny, tmp_path):
     detector = fit_quietly(
-        EfficientAD(teacher="random", steps=2, precision="bf16", channels_last=True, progress=False),
+        EfficientAD(teacher="random", steps=1, precision="bf16", channels_last=True, progress=False),
         tiny.split.train,
         tiny.split.validation,
     )
