@@ -6,6 +6,7 @@ import io
 import json
 import struct
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -262,3 +263,62 @@ def test_cli_serve_starts_uvicorn_with_the_options(monkeypatch, trained, capsys)
     assert kwargs == {"host": "127.0.0.1", "port": 8123, "log_level": "info", "limit_concurrency": 4}
     assert app.state.threshold == 0.5
     assert "threshold 0.5000" in capsys.readouterr().out
+
+
+@pytest.fixture
+def live_server(tiny):
+    """The app served by uvicorn on a free loopback port, in a thread; yields (base URL, app)."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = serve.create_app(tiny.path)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the server did not start"
+    yield f"http://127.0.0.1:{port}", app
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_requests_whose_clients_gave_up_are_not_computed(live_server, sample, monkeypatch):
+    import httpx
+
+    url, app = live_server
+    inferencer = app.state.inferencer
+    predict, calls = inferencer.predict, []
+
+    def slow_predict(*args, **kwargs):
+        calls.append(time.monotonic())
+        time.sleep(0.5)
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(inferencer, "predict", slow_predict)
+    _, data = sample
+    started = time.monotonic()
+    assert httpx.post(f"{url}/predict", content=data, timeout=30).status_code == 200
+    alone = time.monotonic() - started  # one request with the model to itself, on this machine
+    calls.clear()
+
+    def give_up() -> None:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/predict", content=data, timeout=0.3)
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        list(pool.map(lambda _: give_up(), range(6)))
+    time.sleep(0.2)  # the server notices the closed connections within its poll interval
+    started = time.monotonic()
+    response = httpx.post(f"{url}/predict", content=data, timeout=30)
+    waited = time.monotonic() - started
+    assert response.status_code == 200
+    # At most the request already running when they gave up was computed, besides the last one;
+    # computing all six would have kept the last client waiting six times as long as one request.
+    assert len(calls) <= 2, f"{len(calls)} computed"
+    assert waited < 3 * alone, f"the last client waited {waited:.1f} s, one request alone takes {alone:.1f} s"

@@ -28,6 +28,7 @@ import asyncio
 import copy
 import io
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -55,6 +56,10 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 # Leading bytes of those formats: an upload that starts like one but does not open is corrupt, not foreign.
 SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
 UPLOAD_FIELD = "file"
+# How often a queued request checks whether its client is still there.
+DISCONNECT_POLL_SECONDS = 0.05
+# nginx's status for a request whose client closed the connection before the answer.
+CLIENT_CLOSED_REQUEST = 499
 
 
 class PredictResponse(BaseModel):
@@ -270,9 +275,27 @@ def create_app(
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="efficientad-model")
     started_at = time.time()
 
-    async def infer(image: Image.Image) -> Prediction:
-        (prediction,) = await asyncio.get_running_loop().run_in_executor(worker, inferencer.predict, image)
-        return prediction
+    async def infer(image: Image.Image, request: Request | None = None) -> Prediction | None:
+        """Score ``image`` on the model's thread; ``None`` when the client left before its turn came.
+
+        Requests queue for the one model thread; one whose client has given up is skipped rather
+        than computed, so abandoned requests do not delay the clients still waiting.
+        """
+        gone = threading.Event()
+
+        def job() -> Prediction | None:
+            if gone.is_set():
+                return None
+            (prediction,) = inferencer.predict(image)
+            return prediction
+
+        future = asyncio.get_running_loop().run_in_executor(worker, job)
+        while request is not None and not future.done():
+            await asyncio.wait({future}, timeout=DISCONNECT_POLL_SECONDS)
+            if not future.done() and await request.is_disconnected():
+                gone.set()
+                break
+        return await future
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -338,7 +361,9 @@ def create_app(
         data = await upload_bytes(request, max_bytes)
         arrived = time.perf_counter()
         image = await run_in_threadpool(decode_image, data, max_pixels)
-        prediction = await infer(image)
+        prediction = await infer(image, request)
+        if prediction is None:  # nobody is left to read an answer; the status is for the access log
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         result = PredictResponse(
             score=prediction.score,
             is_anomalous=prediction.is_anomalous,
