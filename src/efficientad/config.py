@@ -44,6 +44,14 @@ def _check_fraction(name: str, value: float, low: float = 0.0, high: float = 1.0
         raise EfficientADError(f"{name} must be in ({low:g}, {high:g}), got {value!r}")
 
 
+def _check_optimizer(config: Any) -> None:
+    """Adam's settings, shared by training and pretraining."""
+    if config.learning_rate <= 0 or config.weight_decay < 0:
+        raise EfficientADError(
+            f"learning_rate must be > 0 and weight_decay >= 0, got {config.learning_rate} and {config.weight_decay}"
+        )
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides what :meth:`EfficientAD.fit <efficientad.EfficientAD.fit>` learns.
@@ -89,18 +97,13 @@ class TrainConfig:
                 object.__setattr__(self, name, os.fspath(value))
         _check_positive(self, "steps", "batch_size")
         _check_positive(self, "seed", minimum=0)
-        for name in ("lr_drop_fraction", "validation_fraction", "false_positive_rate"):
-            _check_fraction(name, getattr(self, name))
-        for name in ("hard_loss_quantile", "map_quantile_low", "map_quantile_high"):
+        for name in ("lr_drop_fraction", "validation_fraction", "false_positive_rate", "hard_loss_quantile", "map_quantile_low", "map_quantile_high"):
             _check_fraction(name, getattr(self, name))
         if self.map_quantile_low >= self.map_quantile_high:
             raise EfficientADError(
                 f"map_quantile_low must be below map_quantile_high, got {self.map_quantile_low} and {self.map_quantile_high}"
             )
-        if self.learning_rate <= 0 or self.weight_decay < 0:
-            raise EfficientADError(
-                f"learning_rate must be > 0 and weight_decay >= 0, got {self.learning_rate} and {self.weight_decay}"
-            )
+        _check_optimizer(self)
 
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -147,10 +150,7 @@ class PretrainConfig:
         _check_positive(self, "checkpoint_every", "seed", minimum=0)
         if self.workers is not None:
             _check_positive(self, "workers", minimum=0)
-        if self.learning_rate <= 0 or self.weight_decay < 0:
-            raise EfficientADError(
-                f"learning_rate must be > 0 and weight_decay >= 0, got {self.learning_rate} and {self.weight_decay}"
-            )
+        _check_optimizer(self)
         if not 0.0 <= self.grayscale <= 1.0:
             raise EfficientADError(f"grayscale must be a probability in [0, 1], got {self.grayscale}")
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 32 or self.image_size % 16:

@@ -2,9 +2,8 @@
 
 Every session has ``run(images) -> InferenceOutput`` (host arrays in, host arrays out).
 :func:`make_session` builds one for a backend and precision from an in-memory fused model; it is
-what :class:`~efficientad.deploy.inferencer.Inferencer`, ``efficientad export`` (to check what it
-wrote) and ``efficientad bench`` use. Exported files are opened in
-:mod:`efficientad.deploy.formats`.
+what :class:`~efficientad.deploy.inferencer.Inferencer`, calibration and ``efficientad bench`` use.
+Exported files are opened in :mod:`efficientad.deploy.formats`, which builds the same session classes.
 """
 
 from __future__ import annotations
