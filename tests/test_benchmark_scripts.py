@@ -63,3 +63,29 @@ def test_pretrain_benchmark_compares_three_teachers_and_can_reuse_one(tiny_input
     )
     assert again["pretraining"] == {"reused": str(teacher)} and again["seed"] == 1
     assert set(again["results"]) == set(first["results"])
+
+
+def test_fault_injection_kills_runs_and_finds_the_invariants_kept(tmp_path):
+    json_path = tmp_path / "fault_injection.json"
+    command = [sys.executable, str(BENCHMARKS / "fault_injection.py"), "--rounds", "2", "--seed", "1", "--json", str(json_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = json.loads(json_path.read_text())
+    assert result["violations"] == [] and result["final_runs_succeeded"] and len(result["round_details"]) == 2
+
+
+def test_serve_attacks_measures_lockout_memory_and_refusals(tmp_path):
+    out = tmp_path / "attacks.json"
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / "serve_attacks.py"), "--idle", "8", "--slow", "4", "--hold", "3", "--max-pending", "4", "--json", str(out)],
+        check=True, cwd=BENCHMARKS, capture_output=True, timeout=600,
+    )
+    result = json.loads(out.read_text())
+    lockout = result["lockout"]
+    answered, asked = map(int, lockout["health_answered_200"].split("/"))
+    assert asked > 0 and answered == asked
+    assert result["over_pending_limit"]["requests"] == 8
+    assert set(result["over_pending_limit"]["answers"]) <= {"200", "503"}  # never a reset
+    assert result["memory_mb"]["after_eight_36mp_heatmaps_at_once"]["answers"] == [200] * 8
+    assert result["predict_64mp_with_overlay"]["returncode"] == 0
+    assert result["healthy_at_end"]

@@ -1,10 +1,12 @@
 import csv
 import json
 import re
+import shutil
 import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from efficientad.cli import main
@@ -48,6 +50,56 @@ def test_train_writes_model_and_record(trained):
     assert record["training"]["seconds_per_step"] > 0
     assert set(record["training"]["final_losses"]) == {"total", "hard", "penalty", "ae", "stae"}
     assert "torch" in record["versions"]
+    # The record names the model it describes: the checksum of the tensors in the model.pt beside it.
+    assert record["model_tensor_sha256"] == torch.load(trained / "model.pt", weights_only=True)["tensor_sha256"]
+    assert record["skipped_images"] == []
+
+
+def test_a_train_stopped_after_the_model_leaves_no_older_record(trained, dataset, tmp_path, monkeypatch, capsys):
+    from efficientad.detector import EfficientAD
+
+    def fit_from_the_trained_model(self, *args):
+        trained_model = EfficientAD.load(trained / "model.pt")
+        self.model_, self.threshold_, self.metadata_ = trained_model.model_, trained_model.threshold_, trained_model.metadata_
+        return self
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for a kill between the new model.pt and its train.json
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train.json").write_text('{"describes": "an older model.pt"}')
+    (out / ".model.pt.abcdefgh.tmp").write_bytes(b"left by a run killed while writing")
+    monkeypatch.setattr(EfficientAD, "fit", fit_from_the_trained_model)
+    monkeypatch.setattr("efficientad.files.versions", killed)  # the run record's first step; the model file's is done
+    code = main(["train", "--data", str(dataset), "--category", "part", "--teacher", "random", "--out", str(out)])
+    assert code == 130
+    assert sorted(path.name for path in out.iterdir()) == ["model.pt"]
+    assert "removed 1 temporary file(s)" in capsys.readouterr().err
+
+
+def test_unreadable_training_images_are_all_named_or_skipped(dataset, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    train = root / "part" / "train" / "good"
+    (train / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (train / "empty.png").write_bytes(b"")
+    args = ["train", "--data", str(root), "--category", "part", "--teacher", "random", "--steps", "1"]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "2 of 10 images cannot be read" in error and "broken.png" in error and "empty.png" in error
+    assert "--skip-bad-images" in error
+    assert not (tmp_path / "refused" / "model.pt").exists()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main([*args, "--skip-bad-images", "--out", str(tmp_path / "run")]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "cannot be read" in line]
+    assert len(warning) == 1 and warning[0].startswith("WARNING: 2 of 10 images") and warning[0].endswith("training without them")
+    record = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert sorted(Path(skipped["image"]).name for skipped in record["skipped_images"]) == ["broken.png", "empty.png"]
+    assert record["n_train_images"] + record["n_validation_images"] == 8 and record["config"]["skip_bad_images"]
+    assert torch.load(tmp_path / "run" / "model.pt", weights_only=True)["skipped_images"] == record["skipped_images"]
 
 
 def test_predict_writes_scores_and_overlays(trained, dataset, tmp_path, capsys):
@@ -90,6 +142,35 @@ def test_predict_skips_unreadable_files_and_fails_at_the_end(trained, dataset, t
     assert [Path(r["path"]).name for r in rows] == ["ok.png"]
     err = capsys.readouterr().err
     assert "broken.png" in err
+
+
+def test_an_interrupted_predict_leaves_only_whole_files_of_its_own(trained, dataset, tmp_path, monkeypatch):
+    out = tmp_path / "pred"
+    args = ["predict", "--model", str(trained / "model.pt"), str(dataset / "part" / "test"), "--out", str(out), "--batch-size", "1"]
+    assert main(args) == 0
+    real_save = Image.Image.save
+    saved = []
+
+    def killed_at_the_third_overlay(self, fp, *rest, **options):
+        saved.append(fp)
+        if len(saved) == 3:
+            open(fp, "wb").close()  # the file is open, nothing written yet
+            raise KeyboardInterrupt
+        return real_save(self, fp, *rest, **options)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "save", killed_at_the_third_overlay)
+        assert main(args) == 130
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert all(path.stat().st_size > 0 for path in files) and not [path for path in files if path.suffix == ".tmp"]
+    # No record or scores of the earlier run beside this run's overlays; this run's rows are kept.
+    assert not (out / "predict.json").exists() and not (out / "scores.csv").exists()
+    assert len(list(csv.DictReader(open(out / "scores.partial.csv")))) == 2
+
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert len(rows) == json.loads((out / "predict.json").read_text())["n_images"] == 4
+    assert not (out / "scores.partial.csv").exists()
 
 
 def test_threshold_override(trained, dataset, tmp_path):

@@ -63,6 +63,26 @@ def test_load_images_resizes_and_stacks(tmp_path):
     assert int(tensor[2, 0, 0, 0]) == 100
 
 
+def test_every_unreadable_image_is_named_at_once(tmp_path):
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / f"good{i}.png")
+    (tmp_path / "a_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (tmp_path / "z_text.jpg").write_text("not an image")
+    with pytest.raises(EfficientADError) as caught:
+        load_images(list_images(tmp_path), (8, 8))
+    message = str(caught.value)
+    assert message.startswith("2 of 5 images cannot be read") and "a_broken.png" in message and "z_text.jpg" in message
+    assert "\n" not in message
+
+
+def test_a_long_list_of_unreadable_images_is_cut_short(tmp_path):
+    for i in range(25):
+        (tmp_path / f"{i:02d}.png").write_bytes(b"")
+    message = str(pytest.raises(EfficientADError, load_images, list_images(tmp_path), (8, 8)).value)
+    assert message.startswith("25 of 25 images") and "19.png" in message and "20.png" not in message
+    assert message.endswith("; and 5 more")
+
+
 def test_split_is_seeded_and_disjoint():
     items = list(range(209))
     train, validation = split_validation(items, 0.1, seed=0)

@@ -52,7 +52,7 @@ class Oracle:
         for path in images:
             anomaly_map = self.truth[path].astype(np.float32)
             score = float(anomaly_map.max())
-            predictions.append(Prediction(score, anomaly_map, anomaly_map, anomaly_map, score, score, score > 0.5))
+            predictions.append(Prediction(score, score, score, score > 0.5, np.stack([anomaly_map] * 3), anomaly_map.shape))
         return predictions
 
 

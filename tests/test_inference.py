@@ -146,6 +146,23 @@ def test_inferencer_loads_each_format(format, calibrated, exported, tmp_path):
     assert prediction.anomaly_map.shape == (280, 300)
 
 
+def test_full_size_maps_are_made_only_when_asked_for(tiny):
+    """A large photo's prediction holds the model's grid; maps at its size (or any other) come on demand."""
+    inferencer = Inferencer.load(tiny.path)
+    picture = np.random.default_rng(3).integers(0, 255, (3000, 4000, 3), dtype=np.uint8)
+    (prediction,) = inferencer.predict(picture)
+    assert prediction.image_size == (3000, 4000)
+    assert prediction.maps.shape[0] == 3 and prediction.maps.nbytes < 1e6
+    assert "anomaly_map" not in vars(prediction)  # nothing of 12 million floats until asked for
+    assert prediction.anomaly_map.shape == (3000, 4000)
+    np.testing.assert_array_equal(prediction.map_at((3000, 4000), "global"), prediction.global_map)
+    small = prediction.map_at((300, 400))
+    assert small.shape == (300, 400)
+    np.testing.assert_allclose(small.max(), prediction.anomaly_map.max(), rtol=0.05, atol=1e-6)
+    with pytest.raises(EfficientADError, match="kind must be one of"):
+        prediction.map_at((10, 10), "both")
+
+
 @pytest.mark.slow
 def test_export_cli_uint8_onnx_with_output_size(calibrated, exported, tmp_path):
     _, images, _ = calibrated

@@ -12,6 +12,7 @@ from torch import nn
 
 from efficientad.cli import main
 from efficientad.errors import EfficientADError
+from efficientad.model import tensors_sha256
 from efficientad.training.pretrain import BACKBONES, DistillationTarget, checkpoint_path, load_backbone, pretrain_teacher
 
 # Tiny settings: 32x32 PDN input (64x64 for the backbone, an 8x8 target grid), random resnet18.
@@ -320,6 +321,7 @@ def test_cli_writes_a_teacher_and_a_run_record(cli_teacher):
     record = json.loads((cli_teacher.parent / "pretrain.json").read_text())
     assert record["config"]["backbone"] == "resnet18" and record["config"]["seed"] == 1
     assert record["steps"] == 3 and record["seconds"] > 0 and record["losses"]["validation"][-1][0] == 3
+    assert record["teacher_tensor_sha256"] == tensors_sha256(teacher["state_dict"])  # the teacher it describes
 
 
 def test_cli_reports_errors_in_one_line(tmp_path, capsys):

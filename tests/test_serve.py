@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import select
+import socket
 import struct
 import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,38 +258,65 @@ def test_create_app_refuses_bad_arguments(tmp_path, trained):
 def test_cli_serve_starts_uvicorn_with_the_options(monkeypatch, trained, capsys):
     import uvicorn
 
+    from efficientad.server import GuardedH11Protocol
+
     _, path = trained
-    calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
-    args = build_parser().parse_args(["serve", "--model", str(path), "--port", "8123", "--threshold", "0.5", "--max-pending", "4"])
+    served = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: served.append(self.config))
+    args = build_parser().parse_args(
+        ["serve", "--model", str(path), "--port", "8123", "--threshold", "0.5", "--max-pending", "4", "--max-connections", "9",
+         "--header-timeout", "2.5", "--keep-alive-timeout", "3"]
+    )
     assert args.handler(args) == 0
-    ((app, kwargs),) = calls
-    assert kwargs == {"host": "127.0.0.1", "port": 8123, "log_level": "info", "limit_concurrency": 4}
-    assert app.state.threshold == 0.5
+    (config,) = served
+    assert (config.host, config.port, config.log_level) == ("127.0.0.1", 8123, "info")
+    assert (config.limit_concurrency, config.timeout_keep_alive) == (9, 3.0)
+    assert config.http.func is GuardedH11Protocol and config.http.keywords == {"header_timeout": 2.5}
+    assert config.app.state.threshold == 0.5
     assert "threshold 0.5000" in capsys.readouterr().out
 
 
-@pytest.fixture
-def live_server(tiny):
-    """The app served by uvicorn on a free loopback port, in a thread; yields (base URL, app)."""
+@pytest.mark.parametrize("option", ["--max-pending", "--max-connections", "--header-timeout", "--body-timeout", "--max-upload-mb"])
+@pytest.mark.parametrize("value", ["0", "-1", "abc"])
+def test_cli_serve_refuses_bad_limits_before_loading(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--model", "missing.pt", option, value])
+    assert exit_.value.code == 2
+    assert option in capsys.readouterr().err
+
+
+@contextlib.contextmanager
+def running(app, **settings):
+    """``app`` served by uvicorn on a free loopback port, as ``efficientad serve`` runs it, in a thread; yields the port."""
     import socket
 
     import uvicorn
 
+    from efficientad.server import server_config
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    app = serve.create_app(tiny.path)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(server_config(app, host="127.0.0.1", port=port, log_level="error", **settings))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started, "the server did not start"
-    yield f"http://127.0.0.1:{port}", app
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_server(tiny):
+    """The app on a live server with the CLI's defaults; yields (base URL, app)."""
+    app = serve.create_app(tiny.path)
+    with running(app) as port:
+        yield f"http://127.0.0.1:{port}", app
 
 
 def test_requests_whose_clients_gave_up_are_not_computed(live_server, sample, monkeypatch):
@@ -322,3 +353,186 @@ def test_requests_whose_clients_gave_up_are_not_computed(live_server, sample, mo
     # computing all six would have kept the last client waiting six times as long as one request.
     assert len(calls) <= 2, f"{len(calls)} computed"
     assert waited < 3 * alone, f"the last client waited {waited:.1f} s, one request alone takes {alone:.1f} s"
+
+
+def raw_request(path: str, body: bytes = b"", method: str = "POST") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    return head + body
+
+
+def read_health(connection: socket.socket) -> bytes:
+    """One whole ``/health`` answer (headers and JSON body), leaving the connection open."""
+    connection.settimeout(5)
+    received = b""
+    while not received.endswith(b"}"):
+        received += connection.recv(65536)
+    return received
+
+
+def read_answer(connection: socket.socket, timeout: float) -> bytes | None:
+    """Everything the server sends until it closes the connection; None if it is still open after ``timeout``."""
+    connection.settimeout(timeout)
+    received = b""
+    try:
+        while chunk := connection.recv(65536):
+            received += chunk
+    except socket.timeout:
+        return None
+    return received
+
+
+def test_slow_and_idle_clients_are_cut_off_while_others_are_served(tiny, sample):
+    """Sockets that send nothing, or headers or a body a byte at a time, are closed at their deadlines."""
+    import httpx
+
+    _, data = sample
+    app = serve.create_app(tiny.path, body_timeout=1.5)
+    with running(app, header_timeout=1.0) as port:
+        url = f"http://127.0.0.1:{port}"
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+        slow_headers = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+        slow_bodies = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+        for connection in slow_bodies:
+            connection.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\n")
+        started = time.monotonic()
+        request = raw_request("/predict", data)
+        answers: dict[socket.socket, bytes] = {}
+        for i in range(10):  # a byte every 0.25 s from each slow client, while others are served
+            readable, _, _ = select.select(slow_headers + slow_bodies, [], [], 0)
+            for connection in readable:  # answered: read it before a write could turn the close into a reset
+                answers.setdefault(connection, read_answer(connection, 3))
+            for connection in slow_headers + slow_bodies:
+                if connection not in answers:
+                    connection.sendall(request[i : i + 1] if connection in slow_headers else b"x")
+            assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+            time.sleep(0.25)
+        assert httpx.post(f"{url}/predict", content=data, timeout=30).status_code == 200
+        for connection in idle + slow_headers + slow_bodies:
+            answers.setdefault(connection, read_answer(connection, 3))
+        elapsed = time.monotonic() - started
+        for connection in idle + slow_headers + slow_bodies:
+            connection.close()
+    answers = {
+        "idle": [answers[c] for c in idle],
+        "headers": [answers[c] for c in slow_headers],
+        "bodies": [answers[c] for c in slow_bodies],
+    }
+    # Idle sockets are closed without a word; partial requests get 408 and are closed.
+    assert answers["idle"] == [b""] * 40
+    assert all(a.startswith(b"HTTP/1.1 408 ") and b"headers not received within 1 s" in a for a in answers["headers"])
+    assert all(a.startswith(b"HTTP/1.1 408 ") and b"not received in time" in a for a in answers["bodies"])
+    # Every slow client was cut off at its deadline, not left to run into the test's own timeouts.
+    assert elapsed < 10
+
+
+def test_a_new_request_on_a_kept_alive_connection_gets_the_header_deadline_too(tiny):
+    app = serve.create_app(tiny.path)
+    with running(app, header_timeout=1.0, keep_alive_timeout=5.0) as port, socket.create_connection(("127.0.0.1", port)) as connection:
+        connection.sendall(raw_request("/health", method="GET"))
+        assert read_health(connection).startswith(b"HTTP/1.1 200 ")
+        connection.sendall(b"GET /health HTTP/1.1\r\n")  # ... and the rest never comes
+        started = time.monotonic()
+        answer = read_answer(connection, 5)
+        assert answer.startswith(b"HTTP/1.1 408 ") and 0.8 < time.monotonic() - started < 4
+
+
+def test_idle_kept_alive_connections_are_closed(tiny):
+    app = serve.create_app(tiny.path)
+    with running(app, keep_alive_timeout=0.5) as port, socket.create_connection(("127.0.0.1", port)) as connection:
+        connection.sendall(raw_request("/health", method="GET"))
+        assert read_health(connection).startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        assert read_answer(connection, 5) == b""
+        assert time.monotonic() - started < 3
+
+
+def test_clients_over_the_pending_limit_get_a_readable_503_and_health_answers(tiny, sample):
+    import httpx
+
+    _, data = sample
+    app = serve.create_app(tiny.path, max_pending=2, body_timeout=4.0)
+    with running(app) as port:
+        url = f"http://127.0.0.1:{port}"
+        holders = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        for connection in holders:  # two uploads that never finish hold both slots
+            connection.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: 100000\r\n\r\nxx")
+        time.sleep(0.3)
+        big = data * 20  # a body well past the socket buffers: unread, it would turn the 503 into a reset
+        busy = httpx.post(f"{url}/predict", content=big, timeout=10)
+        assert busy.status_code == 503
+        assert "server busy: 2 predictions in progress" in busy.json()["detail"]
+        assert busy.headers["retry-after"] == "1"
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        for connection in holders:
+            connection.close()
+        time.sleep(0.3)  # the server notices the closed uploads and frees their slots
+        assert httpx.post(f"{url}/predict", content=data, timeout=30).status_code == 200
+
+
+def flat_png(side: int) -> bytes:
+    """A flat-grey square PNG: a few hundred KB that decode to side² pixels."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (128, 128, 128)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_decoding_keeps_only_what_the_request_needs(tiny):
+    """A large upload leaves the model's input and a display-sized copy; its full-size pixels are freed."""
+    inferencer = Inferencer.load(tiny.path)
+    data = flat_png(3000)
+    opened = serve.open_image(data, max_pixels=10**8)
+    upload = serve.decode_upload(opened, inferencer.image_size, keep_display=True)
+    assert (upload.width, upload.height) == (3000, 3000)
+    assert upload.model_input.shape == (256, 256, 3)
+    assert upload.display.width * upload.display.height <= 4e6
+    with pytest.raises(ValueError, match="closed image"):
+        opened.getpixel((0, 0))
+    # The score is the one the library gives the full image: the model input is resized the same way.
+    (ours,) = inferencer.predict(upload.model_input)
+    (library,) = inferencer.predict(Image.open(io.BytesIO(data)))
+    assert ours.score == library.score
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak memory from /proc")
+def test_server_memory_is_bounded_by_pixels_not_by_requests(tiny, tmp_path):
+    """Eight 36-megapixel heat-map requests at once: the server's peak grows by what two decodes need."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    def peak_mb(pid: int) -> float:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (tmp_path / "server.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "efficientad", "serve", "--model", str(tiny.path), "--port", str(port), "--log-level", "warning"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        before = peak_mb(server.pid)
+        data = flat_png(6000)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda _: httpx.post(f"{url}/predict?heatmap=png", content=data, timeout=120), range(8)))
+        assert [a.status_code for a in answers] == [200] * 8
+        assert {a.headers["x-image-width"] for a in answers} == {"6000"}
+        grown = peak_mb(server.pid) - before
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    # One decode of 36 MP costs about 290 MB (Pillow's 4 bytes a pixel, plus an RGB copy); two decode at once.
+    # Holding every request's full-size image, as the server once did, took over 8 GB here.
+    assert grown < 1000, f"peak grew by {grown:.0f} MB"

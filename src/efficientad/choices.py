@@ -29,6 +29,8 @@ EXPORT_FORMATS = ("onnx", "torchscript", "openvino")
 # What ``Inferencer.load`` tells apart: the exports plus the native model file.
 MODEL_FORMATS = ("native", *EXPORT_FORMATS)
 INPUT_DTYPES = ("float32", "uint8")
+# The maps a prediction carries: combined, teacher vs student (local), autoencoder vs student (global).
+MAP_KINDS = ("anomaly", "local", "global")
 # Backbones a teacher can be distilled from: torchvision names and their layer2/layer3 widths.
 BACKBONES: dict[str, tuple[int, int]] = {
     "wide_resnet101_2": (512, 1024),

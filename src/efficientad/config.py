@@ -63,6 +63,8 @@ class TrainConfig:
       threshold is measured with the arithmetic that later applies it.
     - ``cache_teacher``: keep the teacher's features of the training images in memory; ``None``
       decides by their size. ``compile``: ``torch.compile`` the student trunk and the autoencoder.
+    - ``skip_bad_images``: train on the readable images when some cannot be read (with a warning
+      naming them; the model records them as ``skipped_images``) instead of refusing to train.
     """
 
     model_size: str = "s"
@@ -83,6 +85,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     cache_teacher: bool | None = None
+    skip_bad_images: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -181,8 +184,20 @@ def default(cls: type, name: str) -> Any:
 
 # Defaults of prediction and serving, read by the library and shown by the CLI.
 PREDICT_BATCH_SIZE = 8
+# Heat-map overlays larger than this are drawn at reduced size: the maps come from a 64x64 grid,
+# so more pixels show no more of the map, and memory stays bounded whatever the photo's size.
+OVERLAY_MAX_MEGAPIXELS = 4.0
 SERVE_MAX_UPLOAD_MB = 20.0
 SERVE_MAX_MEGAPIXELS = 40.0
+# Predictions in progress at once; bounds a server's upload memory to about this x the upload limit.
+SERVE_MAX_PENDING = 64
+# Deadlines on slow clients (seconds): a request's headers from connecting (or from its first byte
+# on a kept-alive connection), its body from its headers, and an idle kept-alive connection.
+SERVE_HEADER_TIMEOUT = 10.0
+SERVE_BODY_TIMEOUT = 30.0
+SERVE_KEEP_ALIVE_TIMEOUT = 5.0
+# Open connections beyond this get 503 before any request is read.
+SERVE_MAX_CONNECTIONS = 1000
 # The speed protocol: timed batch-1 runs after untimed warm-up runs, throughput at this batch size.
 BENCH_RUNS = 50
 BENCH_WARMUP = 10

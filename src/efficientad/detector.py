@@ -18,15 +18,22 @@ from typing import Any
 import torch
 
 from .config import PREDICT_BATCH_SIZE, TrainConfig, make_config
-from .data.images import ImageInput, list_images, load_images, split_validation
+from .data.images import ImageInput, list_images, read_images, split_validation, unreadable
 from .deploy.inferencer import Inferencer, Prediction
 from .device import check_precision, resolve_device
 from .errors import EfficientADError
-from .model import EfficientADModel, load_model, save_model
+from .files import write_run_record
+from .model import EfficientADModel, load_model, save_model, tensors_sha256
 from .training.calibrate import calibrate
 from .training.penalty import PenaltyImages
 from .training.teacher import resolve_teacher
 from .training.train import train_networks
+
+# The training metadata that a run's train.json repeats from the model file, for people and scripts.
+RUN_RECORD_KEYS = (
+    "config", "inference_precision", "teacher_source", "threshold", "n_train_images", "n_validation_images",
+    "skipped_images", "training", "calibration",
+)
 
 
 class EfficientAD:
@@ -75,13 +82,23 @@ class EfficientAD:
             teacher, teacher_source = resolve_teacher(config.teacher, config.model_size, self.progress)
         for warning in caught:
             warnings.warn(str(warning.message), stacklevel=2)
-        images = self._as_list(images)
-        if validation_images is None:
-            train_items, validation_items = split_validation(images, config.validation_fraction, config.seed)
-        else:
-            train_items, validation_items = images, self._as_list(validation_images)
-        train_tensor = load_images(train_items, config.image_size, self.progress, "Loading training images")
-        validation_tensor = load_images(validation_items, config.image_size, self.progress, "Loading validation images")
+        # Every image is read before any failure is raised, so that all unreadable ones are named at once.
+        train, skipped = read_images(self._as_list(images), config.image_size, self.progress, "Loading training images")
+        validation = None
+        if validation_images is not None:
+            validation, failed = read_images(self._as_list(validation_images), config.image_size, self.progress, "Loading validation images")
+            skipped += failed
+        if skipped:
+            message = unreadable(skipped, len(train) + len(validation or ()) + len(skipped))
+            if not config.skip_bad_images:
+                raise EfficientADError(f"{message}; skip_bad_images=True (--skip-bad-images) trains without them")
+            warnings.warn(f"{message}; training without them", stacklevel=2)
+        if validation is None:
+            train, validation = split_validation(train, config.validation_fraction, config.seed)
+        for what, tensors in (("training", train), ("validation", validation)):
+            if not tensors:
+                raise EfficientADError(f"no readable {what} images")
+        train_tensor, validation_tensor = torch.stack(train), torch.stack(validation)
         penalty = None if config.penalty_images is None else PenaltyImages(config.penalty_images, config.image_size, self.progress)
 
         torch.manual_seed(config.seed)
@@ -99,8 +116,9 @@ class EfficientAD:
             "inference_precision": config.precision,
             "teacher_source": teacher_source,
             "threshold": self.threshold_,
-            "n_train_images": len(train_items),
-            "n_validation_images": len(validation_items),
+            "n_train_images": len(train),
+            "n_validation_images": len(validation),
+            "skipped_images": skipped,
             "n_penalty_images": 0 if penalty is None else len(penalty),
             "training": {**history, "total_seconds": time.perf_counter() - started},
             "calibration": {k: v for k, v in calibration.items() if k != "validation_scores"},
@@ -149,6 +167,23 @@ class EfficientAD:
     def save(self, path: str | os.PathLike) -> Path:
         """Write one model file (weights, normalisation, threshold, config, versions)."""
         return save_model(self.model, path, {**self.metadata_, "threshold": self.threshold_})
+
+    def save_run(self, folder: str | os.PathLike, record: dict[str, Any]) -> Path:
+        """Write ``folder/model.pt`` and its run record ``folder/train.json`` (``record``, the training
+        metadata and the model's ``model_tensor_sha256``); returns the model file's path.
+
+        The old train.json is removed before the model file is replaced and the new one written
+        after it, so that however a run is stopped, a train.json on disk describes the model.pt
+        beside it (the checksum proves it).
+        """
+        folder = Path(folder)
+        record_path = folder / "train.json"
+        record_path.unlink(missing_ok=True)
+        model_path = self.save(folder / "model.pt")
+        kept = {key: self.metadata_.get(key) for key in RUN_RECORD_KEYS}
+        checksum = tensors_sha256(self.model.state_dict())
+        write_run_record(record_path, {**record, **kept, "model_file": str(model_path), "model_tensor_sha256": checksum})
+        return model_path
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device | None = "cpu", progress: bool = False) -> EfficientAD:

@@ -14,6 +14,15 @@ uploads while an image is scored. Uploads are checked cheaply before they are de
 while the body streams in, then the format and pixel count from the image header, so a
 decompression bomb is refused without being decompressed.
 
+Bounds, so that no client can take the server from the others: a body must arrive within
+``body_timeout`` (408, connection closed; headers have their own deadline, see
+:mod:`efficientad.server`); at most ``max_pending`` predictions are in progress, the rest get a
+readable 503 (their body is read and dropped first, so the answer is not lost to a connection
+reset) while ``/health`` keeps answering; uploads are decoded on :data:`DECODE_THREADS` threads
+and each request then keeps only the model's input and, for a heat map, a display copy of at
+most ``OVERLAY_MAX_MEGAPIXELS``, so memory follows the number of decoding threads, not the
+number of large requests.
+
 The decision threshold: an image is anomalous when its score (the maximum of its combined anomaly
 map) is above it. By default it is the one stored in the model file, which training sets to the
 (1 - false_positive_rate) quantile of held-out good images' scores (false_positive_rate is 1 % unless
@@ -26,16 +35,20 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import ctypes
 import io
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from importlib import resources
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image, UnidentifiedImageError
@@ -44,11 +57,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from . import __version__
-from .config import SERVE_MAX_MEGAPIXELS, SERVE_MAX_UPLOAD_MB
-from .data.images import read_image
+from .config import SERVE_BODY_TIMEOUT, SERVE_MAX_MEGAPIXELS, SERVE_MAX_PENDING, SERVE_MAX_UPLOAD_MB
+from .data.images import read_image, resize_to_tensor
 from .deploy.inferencer import Inferencer, Prediction
 from .errors import EfficientADError
-from .visualize import display_range, overlay
+from .visualize import display_range, heat_map, shrink_for_display
 
 # Formats Pillow decodes itself; others (EPS through Ghostscript, for one) would hand uploads to
 # external programs, which a server open to uploads should not do.
@@ -60,6 +73,18 @@ UPLOAD_FIELD = "file"
 DISCONNECT_POLL_SECONDS = 0.05
 # nginx's status for a request whose client closed the connection before the answer.
 CLIENT_CLOSED_REQUEST = 499
+# Threads that decode uploads and draw heat maps. Each decoding thread holds up to one image at
+# full size (about 7 bytes a pixel while it converts): this bounds decoding memory to about
+# DECODE_THREADS x max_megapixels x 7 MB however many large uploads arrive at once.
+DECODE_THREADS = 2
+# Decodes above this many pixels give their memory back to the system at once.
+RELEASE_AFTER_PIXELS = 4_000_000
+
+try:
+    _libc = ctypes.CDLL("libc.so.6")
+    _libc.malloc_trim  # glibc only
+except (OSError, AttributeError):
+    _libc = None
 
 
 class PredictResponse(BaseModel):
@@ -79,28 +104,48 @@ def _reject(status: int, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail=message)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, deadline: float) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes.
 
     A declared Content-Length is checked before anything is read; chunked bodies are counted as
-    they stream in, so an oversized upload never sits in memory whole.
+    they stream in, so an oversized upload never sits in memory whole. A body still incomplete at
+    ``deadline`` (``time.monotonic()``) gets 408 and its connection is closed: a client trickling
+    bytes cannot hold a request slot for longer than that.
     """
     too_large = _reject(413, f"upload larger than this server's limit of {limit / 1e6:g} MB")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout=max(deadline - time.monotonic(), 0.0))
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except asyncio.TimeoutError:
+            raise HTTPException(408, "upload not received in time", headers={"Connection": "close"}) from None
         size += len(chunk)
         if size > limit:
             raise too_large
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
-async def upload_bytes(request: Request, limit: int) -> bytes:
+async def drain_body(request: Request, limit: int, deadline: float) -> None:
+    """Read and drop the body, so that a refusal reaches the client instead of a connection reset.
+
+    Closing a socket with unread bytes makes the kernel reset it, and the client may never see the
+    answer. Bodies beyond ``limit`` or ``deadline`` are left unread: the connection closes then.
+    """
+    try:
+        await read_body(request, limit, deadline)
+    except HTTPException:
+        pass
+
+
+async def upload_bytes(request: Request, limit: int, deadline: float) -> bytes:
     """The uploaded image's bytes: the multipart field ``file``, or else the whole body."""
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, deadline)
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         return body
     sent = False
@@ -120,11 +165,11 @@ async def upload_bytes(request: Request, limit: int) -> bytes:
         return await upload.read()
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode upload bytes into an RGB image, or raise an HTTP 4xx that says what is wrong.
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Read an upload's header (not its pixels), or raise an HTTP 4xx that says what is wrong.
 
     Empty -> 400; not an image in an allowed format -> 415; more than ``max_pixels`` pixels -> 413
-    (checked from the header, before decompressing); corrupt or truncated -> 422.
+    (from the header, before decompressing: a decompression bomb is never decoded); unreadable header -> 422.
     """
     if not data:
         raise _reject(400, f"empty upload: send the image as the request body or as the multipart field '{UPLOAD_FIELD}'")
@@ -141,25 +186,67 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise _reject(413, f"image has too many pixels: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise _reject(422, f"corrupt image: {error}") from None
-    with image:
-        width, height = image.size
-        if width * height > max_pixels:
-            raise _reject(
-                413,
-                f"image is {width}x{height} ({width * height / 1e6:.3g} megapixels); "
-                f"this server accepts at most {max_pixels / 1e6:g} megapixels",
-            )
-        try:
-            image.load()
-            return read_image(image)
-        except (OSError, SyntaxError, ValueError) as error:
-            raise _reject(422, f"corrupt or truncated image: {error}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise _reject(
+            413,
+            f"image is {width}x{height} ({width * height / 1e6:.3g} megapixels); "
+            f"this server accepts at most {max_pixels / 1e6:g} megapixels",
+        )
+    return image
 
 
-def render_overlay(image: Image.Image, prediction: Prediction, threshold: float | None) -> bytes:
-    """The heat map over the image as PNG bytes, coloured on the scale ``efficientad predict`` uses."""
+@dataclass
+class Upload:
+    """What a request keeps of its image while it waits for the model: never the full-size pixels.
+
+    ``model_input`` is the image resized to the model's input size exactly as
+    :meth:`Inferencer.predict` would resize the original, so the score is the one ``efficientad
+    predict`` gives the same file; ``display`` is a copy of at most ``OVERLAY_MAX_MEGAPIXELS`` for
+    the heat map, kept only when one was asked for.
+    """
+
+    model_input: np.ndarray
+    display: Image.Image | None
+    width: int
+    height: int
+
+
+def decode_upload(image: Image.Image, model_size: tuple[int, int], keep_display: bool) -> Upload:
+    """Decode an opened upload (see :func:`open_image`) and reduce it to what the request needs; 422 if corrupt."""
+    width, height = image.size
+    try:
+        image.load()
+        picture = read_image(image)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise _reject(422, f"corrupt or truncated image: {error}") from None
+    finally:
+        # close(), unlike leaving a `with` block, frees the decoded pixels even while the caller
+        # still holds the image object.
+        image.close()
+    model_input = resize_to_tensor(picture, model_size).permute(1, 2, 0).numpy()
+    upload = Upload(model_input, shrink_for_display(picture) if keep_display else None, width, height)
+    del picture
+    if width * height > RELEASE_AFTER_PIXELS:
+        release_freed_memory()
+    return upload
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by a large decode back to the system (glibc keeps it otherwise; elsewhere a no-op).
+
+    Without it a server's resident size stays at its largest request's peak (+280 MB for one
+    36-megapixel image) long after the request.
+    """
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def render_overlay(upload: Upload, prediction: Prediction, threshold: float | None) -> bytes:
+    """The heat map over the upload's display copy as PNG bytes, coloured on the scale ``efficientad predict`` uses."""
     buffer = io.BytesIO()
-    overlay(image, prediction.anomaly_map, display_range(threshold)).save(buffer, format="PNG")
+    heat_map(upload.display, prediction, display_range(threshold)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -241,6 +328,8 @@ def create_app(
     show_details: bool = False,
     max_upload_mb: float = SERVE_MAX_UPLOAD_MB,
     max_megapixels: float = SERVE_MAX_MEGAPIXELS,
+    max_pending: int = SERVE_MAX_PENDING,
+    body_timeout: float = SERVE_BODY_TIMEOUT,
 ) -> FastAPI:
     """Build the serving app around one model.
 
@@ -250,12 +339,23 @@ def create_app(
     ``threshold`` overrides the model's decision threshold for this app (see the module docstring
     for what that threshold is). ``show_details`` lets ``GET /model`` show full paths and library
     versions. Uploads over ``max_upload_mb`` megabytes or ``max_megapixels``
-    million pixels are refused with 413.
+    million pixels are refused with 413; one whose body has not arrived ``body_timeout`` seconds
+    after its headers gets 408. At most ``max_pending`` predictions are in progress at once
+    (receiving, decoding, queued or running); more get 503 with ``Retry-After``, while ``/health``
+    keeps answering.
+
+    Memory per request is bounded by pixels, not only by bytes: uploads are decoded by
+    :data:`DECODE_THREADS` threads, and a request then keeps only the image at the model's input
+    size (plus a display copy of at most ``OVERLAY_MAX_MEGAPIXELS`` for a heat map).
     """
     if max_upload_mb <= 0:
         raise EfficientADError(f"max_upload_mb must be > 0, got {max_upload_mb}")
     if max_megapixels <= 0:
         raise EfficientADError(f"max_megapixels must be > 0, got {max_megapixels}")
+    if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+        raise EfficientADError(f"max_pending must be an integer >= 1, got {max_pending!r}")
+    if not body_timeout > 0:
+        raise EfficientADError(f"body_timeout must be > 0, got {body_timeout}")
     if isinstance(model, Inferencer):
         # A shallow copy shares the loaded session; its threshold is this app's alone.
         inferencer = copy.copy(model)
@@ -273,9 +373,12 @@ def create_app(
     page = index_page()
     # One thread owns the model: inference is serialised without a lock held across awaits.
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="efficientad-model")
+    decoder = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="efficientad-decode")
+    # Predictions in progress; only the event loop's thread touches it.
+    pending = SimpleNamespace(count=0)
     started_at = time.time()
 
-    async def infer(image: Image.Image, request: Request | None = None) -> Prediction | None:
+    async def infer(image: Image.Image | np.ndarray, request: Request | None = None) -> Prediction | None:
         """Score ``image`` on the model's thread; ``None`` when the client left before its turn came.
 
         Requests queue for the one model thread; one whose client has given up is skipped rather
@@ -333,9 +436,11 @@ def create_app(
         responses={
             200: {"content": {"image/png": {}}, "description": "JSON, or with ?heatmap=png the overlay (scores in X-* headers)"},
             400: {"description": "empty upload, or multipart without the field 'file'"},
+            408: {"description": "the upload's body did not arrive within the server's body timeout"},
             413: {"description": "upload over the size limit, or image over the pixel limit"},
             415: {"description": "not an image in an accepted format"},
             422: {"description": "corrupt or truncated image, or a bad query parameter"},
+            503: {"description": "too many predictions in progress: retry after the Retry-After seconds"},
         },
         openapi_extra={
             "requestBody": {
@@ -358,10 +463,29 @@ def create_app(
         request: Request,
         heatmap: Literal["png"] | None = Query(None, description="'png': answer with the heat-map overlay as a PNG"),
     ):
-        data = await upload_bytes(request, max_bytes)
+        deadline = time.monotonic() + body_timeout
+        if pending.count >= max_pending:
+            await drain_body(request, max_bytes, deadline)
+            raise HTTPException(
+                503,
+                f"server busy: {max_pending} predictions in progress; retry shortly",
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
+        pending.count += 1
+        try:
+            return await answer(request, heatmap, deadline)
+        finally:
+            pending.count -= 1
+
+    async def answer(request: Request, heatmap: str | None, deadline: float) -> Response | PredictResponse:
+        data = await upload_bytes(request, max_bytes, deadline)
         arrived = time.perf_counter()
-        image = await run_in_threadpool(decode_image, data, max_pixels)
-        prediction = await infer(image, request)
+        opened = await run_in_threadpool(open_image, data, max_pixels)
+        del data
+        loop = asyncio.get_running_loop()
+        upload = await loop.run_in_executor(decoder, decode_upload, opened, inferencer.image_size, heatmap is not None)
+        del opened
+        prediction = await infer(upload.model_input, request)
         if prediction is None:  # nobody is left to read an answer; the status is for the access log
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         result = PredictResponse(
@@ -371,12 +495,12 @@ def create_app(
             local_score=prediction.local_score,
             global_score=prediction.global_score,
             latency_ms=round((time.perf_counter() - arrived) * 1000.0, 3),
-            width=image.width,
-            height=image.height,
+            width=upload.width,
+            height=upload.height,
         )
         if heatmap is None:
             return result
-        png = await run_in_threadpool(render_overlay, image, prediction, decision_threshold)
+        png = await loop.run_in_executor(decoder, render_overlay, upload, prediction, decision_threshold)
         return Response(png, media_type="image/png", headers=score_headers(result))
 
     return app

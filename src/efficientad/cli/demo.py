@@ -55,10 +55,11 @@ def run(args: argparse.Namespace) -> int:
     from ..detector import EfficientAD
     from ..device import cpu_supports_bf16
     from ..evaluation.metrics import image_auroc
-    from ..files import check_output_folder, write_run_record
-    from ..visualize import display_range, overlay
+    from ..files import atomic_write, check_output_folder, write_run_record
+    from ..visualize import display_range, heat_map
 
-    out = check_output_folder(args.out)
+    out = check_output_folder(args.out, subfolders=("overlays",))
+    (out / "demo.json").unlink(missing_ok=True)  # the record of a finished demo, written last
     category_dir = make_dataset(out / "data", seed=args.seed)
     print(f"generated a synthetic inspection set in {category_dir}")
     split = load_split("mvtec", category_dir.parent, category_dir.name)
@@ -81,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
     overlay_dir.mkdir(parents=True, exist_ok=True)
     vmax = display_range(detector.threshold)
     for sample, prediction in zip(split.test, predictions):
-        overlay(read_image(sample.path), prediction.anomaly_map, vmax).save(overlay_dir / f"{sample.defect_type}_{sample.path.stem}.png")
+        atomic_write(
+            overlay_dir / f"{sample.defect_type}_{sample.path.stem}.png",
+            lambda temporary: heat_map(read_image(sample.path), prediction, vmax).save(temporary, format="PNG"),
+        )
     flagged = sum(bool(p.is_anomalous) for p in predictions)
     write_run_record(
         out / "demo.json",

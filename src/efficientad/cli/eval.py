@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..choices import DATASET_FORMATS
 from .options import add_inference_options, load_inferencer
@@ -24,8 +23,8 @@ def register(subparsers) -> None:
         description="Score the test images of one category with a model file and compute image AUROC, "
         "F1-max, pixel AUROC and AU-PRO (and AU-sPRO for MVTec LOCO AD) at the ground truth's resolution. "
         "Writes DIR/metrics.json, DIR/scores.csv, DIR/anomaly_maps/<type>/<name>.tiff, DIR/report.html "
-        "(one self-contained page) and DIR/eval.json. Only test images are read; the model's own "
-        "threshold is used as is.",
+        "(one self-contained page) and, last, DIR/eval.json, which marks a finished run. Only test images "
+        "are read; the model's own threshold is used as is.",
     )
     parser.add_argument("--data", required=True, help="dataset root (the folder holding the category folders)")
     parser.add_argument("--category", required=True, help="category folder name, e.g. bottle")
@@ -41,10 +40,10 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.evaluate import evaluate
     from ..files import check_output_folder, write_run_record
 
-    check_output_folder(args.out)
+    out = check_output_folder(args.out, subfolders=("anomaly_maps",))
     split = load_split(args.format, args.data, args.category)
     detector = load_inferencer(args)
-    out = Path(args.out)
+    (out / "eval.json").unlink(missing_ok=True)  # the record of a finished evaluation, written last
     metrics = evaluate(detector, split, out, write_maps=not args.no_maps, batch_size=args.batch_size)
     write_run_record(
         out / "eval.json",

@@ -63,6 +63,13 @@ def add_training_options(parser: argparse.ArgumentParser, steps_help: str | None
         default=None,
         help="channels-last memory layout for the convolutions (faster with bf16 on AVX-512 CPUs)",
     )
+    group.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        default=None,
+        help="train on the readable images when some cannot be read (they are named in a warning and "
+        "recorded in the model); without it, training stops and lists every unreadable image",
+    )
     add_device_option(group)
     group.add_argument("--seed", type=int, help=f"seed for the split, sampling and init (default: {shown('seed')})")
     group.add_argument(
@@ -75,7 +82,7 @@ def add_training_options(parser: argparse.ArgumentParser, steps_help: str | None
 
 TRAINING_OPTIONS = (
     "model_size", "teacher", "penalty_images", "steps", "batch_size", "learning_rate",
-    "precision", "channels_last", "seed", "false_positive_rate",
+    "precision", "channels_last", "skip_bad_images", "seed", "false_positive_rate",
 )
 
 
@@ -124,3 +131,19 @@ def load_inferencer(args: argparse.Namespace):
     if args.batch_size < 1:
         raise EfficientADError(f"--batch-size must be >= 1, got {args.batch_size}")
     return Inferencer.load(args.model, backend=args.backend, precision=args.precision, device=args.device)
+
+
+def positive(cast: type[int] | type[float]):
+    """An argparse ``type`` that reads a number with ``cast`` and refuses zero and negatives."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = cast.__name__  # argparse names the type in its own messages
+    return parse

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
 from .options import add_inference_options, load_inferencer
 
+COLUMNS = ("path", "score", "is_anomalous", "local_score", "global_score", "overlay")
 THRESHOLD_HELP = (
     "decision threshold on the image score (default: the model's own, the score that 1%% of its held-out "
     "good validation images exceed, or the --false-positive-rate chosen at training)"
@@ -21,7 +23,10 @@ def register(subparsers) -> None:
         help="score images or folders with a trained model",
         description="Score images with a model file. Writes DIR/scores.csv (path, score, is_anomalous, "
         "local and global scores, overlay file), DIR/overlays/*.png (heat maps over the images) and "
-        "DIR/predict.json. Unreadable files and empty folders are reported and skipped; the exit code is then 1.",
+        "DIR/predict.json. Unreadable files and empty folders are reported and skipped; the exit code is then 1. "
+        "Rows go to DIR/scores.partial.csv as images are scored, which becomes DIR/scores.csv at the end; "
+        "predict.json, written last, marks a finished run. So an interrupted run leaves scores.partial.csv "
+        "with the rows it scored, whole overlays, and no scores.csv or predict.json of an earlier run.",
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders (searched recursively)")
     parser.add_argument("--out", required=True, help="output folder")
@@ -61,26 +66,28 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.images import read_image
     from ..errors import EfficientADError
-    from ..files import check_output_folder, write_run_record
-    from ..visualize import display_range, overlay
+    from ..files import atomic_write, atomic_write_text, check_output_folder, write_run_record
+    from ..visualize import display_range, heat_map
 
-    check_output_folder(args.out)
+    out = check_output_folder(args.out, subfolders=("overlays",))
     detector = load_inferencer(args)
     if args.threshold is not None:
         detector.threshold = args.threshold
-    out = Path(args.out)
     items, failures = expand_inputs(args.inputs, out)
     for item, error in failures:
         print(f"skipped: {error}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
     vmax = display_range(detector.threshold)
 
+    # The earlier run's results go before any overlay changes: what is left then belongs to this run.
+    for name in ("predict.json", "scores.csv"):
+        (out / name).unlink(missing_ok=True)
+    partial = out / "scores.partial.csv"
+    atomic_write_text(partial, ",".join(COLUMNS) + "\r\n")  # never an empty file, not even for a moment
     n_scored = n_anomalous = 0
     used_names: set[Path] = set()
     # Rows are written as they come, so an interrupted run keeps what it scored.
-    with open(out / "scores.csv", "w", newline="") as file, tqdm(total=len(items), desc="Predicting", unit="img") as bar:
+    with open(partial, "a", newline="") as file, tqdm(total=len(items), desc="Predicting", unit="img") as bar:
         writer = csv.writer(file)
-        writer.writerow(["path", "score", "is_anomalous", "local_score", "global_score", "overlay"])
         for start in range(0, len(items), args.batch_size):
             batch = items[start : start + args.batch_size]
             readable = []
@@ -98,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
                         name = name.with_name(name.name + "_")
                     used_names.add(name)
                     target = out / "overlays" / name.with_suffix(".png")
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    overlay(image, p.anomaly_map, vmax).save(target)
+                    atomic_write(target, lambda temporary: heat_map(image, p, vmax).save(temporary, format="PNG"))
                     overlay_file = str(target.relative_to(out))
                 flag = "" if p.is_anomalous is None else int(p.is_anomalous)
                 writer.writerow([str(path), f"{p.score:.6f}", flag, f"{p.local_score:.6f}", f"{p.global_score:.6f}", overlay_file])
@@ -107,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
                 n_anomalous += bool(p.is_anomalous)
             file.flush()
             bar.update(len(batch))
+    os.replace(partial, out / "scores.csv")
 
     write_run_record(
         out / "predict.json",

@@ -6,7 +6,16 @@ import argparse
 import ipaddress
 
 from ..choices import PRECISIONS
-from ..config import SERVE_MAX_MEGAPIXELS, SERVE_MAX_UPLOAD_MB
+from ..config import (
+    SERVE_BODY_TIMEOUT,
+    SERVE_HEADER_TIMEOUT,
+    SERVE_KEEP_ALIVE_TIMEOUT,
+    SERVE_MAX_CONNECTIONS,
+    SERVE_MAX_MEGAPIXELS,
+    SERVE_MAX_PENDING,
+    SERVE_MAX_UPLOAD_MB,
+)
+from .options import positive
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -39,19 +48,26 @@ def register(subparsers) -> None:
         default=None,
         help="decision threshold: scores above it are anomalous; None: the model file's (see above)",
     )
-    parser.add_argument("--max-upload-mb", type=float, default=SERVE_MAX_UPLOAD_MB, help="larger uploads get 413 (default: %(default)s)")
+    parser.add_argument("--max-upload-mb", type=positive(float), default=SERVE_MAX_UPLOAD_MB, help="larger uploads get 413 (default: %(default)s)")
     parser.add_argument(
         "--max-megapixels",
-        type=float,
+        type=positive(float),
         default=SERVE_MAX_MEGAPIXELS,
         help="images with more pixels get 413 (checked from the header: decompression bombs are not decoded) (default: %(default)s)",
     )
-    parser.add_argument(
-        "--max-pending",
-        type=int,
-        default=64,
-        help="connections and requests in progress at once; more get 503 (bounds memory to about this x the upload limit) (default: %(default)s)",
+    # Limits on what clients may hold; each must be > 0.
+    limits = (
+        ("--max-pending", int, SERVE_MAX_PENDING, "predictions in progress at once (receiving, decoding, queued, running); "
+         "more get 503 with Retry-After, /health still answers; bounds upload memory to about this x --max-upload-mb"),
+        ("--max-connections", int, SERVE_MAX_CONNECTIONS, "open connections at once; more get 503 before their request is read"),
+        ("--header-timeout", float, SERVE_HEADER_TIMEOUT, "seconds a client has to send a request's headers, from connecting "
+         "or from the request's first byte on a kept-alive connection; then 408 and the connection is closed"),
+        ("--body-timeout", float, SERVE_BODY_TIMEOUT, "seconds an upload's body has to arrive after its headers; then 408 "
+         "and the connection is closed (raise it for large uploads over slow links)"),
+        ("--keep-alive-timeout", float, SERVE_KEEP_ALIVE_TIMEOUT, "seconds an idle kept-alive connection stays open between requests"),
     )
+    for flag, kind, default, text in limits:
+        parser.add_argument(flag, type=positive(kind), default=default, help=f"{text} (default: %(default)s)")
     parser.add_argument(
         "--show-details", action="store_true", help="GET /model shows full paths and library versions (default: file names only)"
     )
@@ -64,11 +80,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import EfficientADError
     from ..serve import create_app
+    from ..server import server_config
 
     if not 0 <= args.port <= 65535:
         raise EfficientADError(f"--port must be in 0..65535, got {args.port}")
-    if args.max_pending < 1:
-        raise EfficientADError(f"--max-pending must be >= 1, got {args.max_pending}")
     app = create_app(
         args.model,
         device=args.device,
@@ -77,13 +92,24 @@ def run(args: argparse.Namespace) -> int:
         show_details=args.show_details,
         max_upload_mb=args.max_upload_mb,
         max_megapixels=args.max_megapixels,
+        max_pending=args.max_pending,
+        body_timeout=args.body_timeout,
     )
     threshold = app.state.threshold
     shown = "none (no verdicts)" if threshold is None else f"{threshold:.4f}"
     print(f"efficientad serve: {args.model}, threshold {shown}; page http://{args.host}:{args.port}/, API docs /docs", flush=True)
     if not _is_loopback(args.host):
         print("NOTE: listening beyond this machine; the server has no authentication, put it behind one", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, limit_concurrency=args.max_pending)
+    config = server_config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        header_timeout=args.header_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
+        max_connections=args.max_connections,
+    )
+    uvicorn.Server(config).run()
     return 0
 
 

@@ -13,7 +13,8 @@ def register(subparsers) -> None:
         "train",
         help="train on a dataset category's good images",
         description="Train EfficientAD on the good training images of one category. Writes DIR/model.pt "
-        "(everything needed to predict) and DIR/train.json (config, versions, timings, final losses).",
+        "(everything needed to predict) and then DIR/train.json (config, versions, timings, final losses, "
+        "skipped images, and the model's tensor SHA-256: a train.json always describes the model.pt beside it).",
     )
     parser.add_argument("--data", required=True, help="dataset root (the folder holding the category folders)")
     parser.add_argument("--category", required=True, help="category folder name, e.g. bottle")
@@ -26,25 +27,15 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data.datasets import load_split
     from ..detector import EfficientAD
-    from ..files import check_output_folder, write_run_record
+    from ..files import check_output_folder
 
     show_warnings()
     out = check_output_folder(args.out)
     detector = EfficientAD(**training_settings(args))
     split = load_split(args.format, args.data, args.category)
     detector.fit(split.train, split.validation)
-    model_path = detector.save(out / "model.pt")
-    meta = detector.metadata_
-    kept = ("config", "inference_precision", "teacher_source", "threshold", "n_train_images", "n_validation_images", "training", "calibration")
-    write_run_record(
-        out / "train.json",
-        {
-            "data": {"root": str(args.data), "category": args.category, "format": args.format},
-            **{key: meta[key] for key in kept},
-            "model_file": str(model_path),
-        },
-    )
-    training = meta["training"]
+    model_path = detector.save_run(out, {"data": {"root": str(args.data), "category": args.category, "format": args.format}})
+    training = detector.metadata_["training"]
     print(
         f"trained {detector.config.steps:,} steps in {training['train_seconds']:.0f} s "
         f"({training['seconds_per_step']:.3f} s/step); threshold {detector.threshold:.4f}; wrote {model_path}"

@@ -185,22 +185,11 @@ def _train_and_evaluate(job: dict[str, Any]) -> None:
     from ..data.datasets import load_split
     from ..detector import EfficientAD
     from ..evaluation.evaluate import evaluate
-    from ..files import write_run_record
 
     split = load_split(data["format"], data["root"], data["category"])
     detector = EfficientAD(**settings)
     detector.fit(split.train, split.validation)
-    model_path = detector.save(out / "model.pt")
-    meta = detector.metadata_
-    kept = ("config", "teacher_source", "threshold", "n_train_images", "n_validation_images", "training", "calibration")
-    write_run_record(
-        out / "train.json",
-        {
-            "data": data,
-            **{key: meta[key] for key in kept},
-            "model_file": str(model_path),
-        },
-    )
+    detector.save_run(out, {"data": data})
     evaluate(detector, split, out, progress=True, write_maps=job["write_maps"], write_report=job["write_report"])
 
 

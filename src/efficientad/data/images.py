@@ -99,17 +99,40 @@ def resize_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
+def read_images(
+    sources: Iterable[ImageInput], size: tuple[int, int], progress: bool = False, desc: str = "Loading images"
+) -> tuple[list[torch.Tensor], list[dict[str, str]]]:
+    """Decode and resize every image that can be read, and go on past those that cannot.
+
+    Returns the uint8 CHW tensors and, per unreadable source, ``{"image": its path (or position),
+    "error": why}``, so that a folder with several bad files is reported in one go.
+    """
+    from tqdm import tqdm
+
+    tensors, failures = [], []
+    for index, source in enumerate(tqdm(list(sources), desc=desc, disable=not progress, unit="img")):
+        try:
+            tensors.append(resize_to_tensor(read_image(source), size))
+        except EfficientADError as error:
+            name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"#{index} ({type(source).__name__})"
+            failures.append({"image": name, "error": str(error)})
+    return tensors, failures
+
+
+def unreadable(failures: Sequence[dict[str, str]], total: int, shown: int = 20) -> str:
+    """One line: how many of ``total`` images cannot be read, and why, for the first ``shown`` of them."""
+    more = f"; and {len(failures) - shown} more" if len(failures) > shown else ""
+    return f"{len(failures)} of {total} images cannot be read: " + "; ".join(f["error"] for f in failures[:shown]) + more
+
+
 def load_images(
     sources: Iterable[ImageInput], size: tuple[int, int], progress: bool = False, desc: str = "Loading images"
 ) -> torch.Tensor:
-    """Decode and resize images into one uint8 tensor of shape (N, 3, H, W)."""
-    from tqdm import tqdm
-
+    """Decode and resize images into one uint8 tensor of shape (N, 3, H, W); every unreadable one is named."""
     sources = list(sources)
-    tensors = [
-        resize_to_tensor(read_image(source), size)
-        for source in tqdm(sources, desc=desc, disable=not progress, unit="img")
-    ]
+    tensors, failures = read_images(sources, size, progress, desc)
+    if failures:
+        raise EfficientADError(unreadable(failures, len(sources)))
     if not tensors:
         raise EfficientADError("no images given")
     return torch.stack(tensors)

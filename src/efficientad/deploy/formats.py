@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -100,8 +102,15 @@ def _write_openvino(module: FusedModel, path: Path, metadata: dict[str, Any]) ->
     ov = require_openvino()
     if path.suffix != ".xml":
         raise EfficientADError(f"an OpenVINO model is written as NAME.xml (+ NAME.bin), got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(openvino_model(module, metadata), str(path), compress_to_fp16=False)
+    # Loaders open the .xml and read the .bin beside it: the old .xml goes first and the new one comes
+    # last, so that however the export is stopped, an .xml on disk has its own .bin. OpenVINO insists on
+    # writing NAME.xml, so the pair is staged in the system's temporary folder and copied in from there.
+    path.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        staged = Path(folder) / "model.xml"
+        ov.save_model(openvino_model(module, metadata), str(staged), compress_to_fp16=False)
+        for source, target in ((staged.with_suffix(".bin"), path.with_suffix(".bin")), (staged, path)):
+            atomic_write(target, lambda temporary: shutil.copyfile(source, temporary))
     return path
 
 

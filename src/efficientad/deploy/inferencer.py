@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..choices import BACKEND_PRECISIONS, BACKENDS, check_choice
+from ..choices import BACKEND_PRECISIONS, BACKENDS, MAP_KINDS, check_choice
 from ..config import PREDICT_BATCH_SIZE
 from ..data.images import ImageInput, read_image, resize_to_tensor
 from ..device import resolve_device, usable_precision
@@ -34,31 +35,51 @@ from .runtimes import InferenceOutput, check_batch, make_session
 FORMAT_BACKENDS = {"onnx": "onnxruntime", "torchscript": "torch", "openvino": "openvino"}
 
 
-@dataclass
-class Prediction:
-    """One image's result.
-
-    ``score`` is the maximum of the combined map at the model's image size: the number the
-    threshold was calibrated on, whatever the size of the image. ``anomaly_map`` (combined),
-    ``local_map`` (teacher vs student: small defects) and ``global_map`` (autoencoder vs student:
-    logical anomalies) are float32 arrays at the image's own size, for display and pixel metrics;
-    ``local_score`` and ``global_score`` are their branches' maxima at the model's image size, like ``score``. On the
-    normalised scale 0 is typical of normal images and 0.1 is their rare extreme.
-    """
-
-    score: float
-    anomaly_map: np.ndarray
-    local_map: np.ndarray
-    global_map: np.ndarray
-    local_score: float
-    global_score: float
-    is_anomalous: bool | None
-
-
 def _resize(map_: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if map_.shape == size:
         return map_
     return resize_maps(torch.from_numpy(np.ascontiguousarray(map_))[None, None], size)[0, 0].numpy()
+
+
+@dataclass(eq=False)
+class Prediction:
+    """One image's result.
+
+    ``score`` is the maximum of the combined map at the model's image size: the number the
+    threshold was calibrated on, whatever the size of the image. ``local_score`` (teacher vs
+    student: small defects) and ``global_score`` (autoencoder vs student: logical anomalies) are
+    their branches' maxima at the model's image size, like ``score``. On the normalised scale 0 is
+    typical of normal images and 0.1 is their rare extreme.
+
+    ``anomaly_map`` (combined), ``local_map`` and ``global_map`` are float32 arrays at the image's
+    own size (``image_size``, height and width), for pixel metrics; each is computed on first use
+    from ``maps``, the model's output grid, so a 36-megapixel image costs no full-size maps unless
+    they are asked for. :meth:`map_at` resizes to any other size, e.g. a smaller display.
+    """
+
+    score: float
+    local_score: float
+    global_score: float
+    is_anomalous: bool | None
+    maps: np.ndarray  # (3, h, w): combined, local and global, at the model's output resolution
+    image_size: tuple[int, int]
+
+    def map_at(self, size: tuple[int, int], kind: str = "anomaly") -> np.ndarray:
+        """The ``kind`` map ('anomaly', 'local' or 'global') resized straight from the model's grid to ``size``."""
+        check_choice("kind", kind, MAP_KINDS)
+        return _resize(self.maps[MAP_KINDS.index(kind)], tuple(size))
+
+    @cached_property
+    def anomaly_map(self) -> np.ndarray:
+        return self.map_at(self.image_size)
+
+    @cached_property
+    def local_map(self) -> np.ndarray:
+        return self.map_at(self.image_size, "local")
+
+    @cached_property
+    def global_map(self) -> np.ndarray:
+        return self.map_at(self.image_size, "global")
 
 
 class Inferencer:
@@ -150,10 +171,9 @@ class Inferencer:
         score = float(output.score[i])
         return Prediction(
             score=score,
-            anomaly_map=_resize(output.anomaly_map[i, 0], size),
-            local_map=_resize(output.local_map[i, 0], size),
-            global_map=_resize(output.global_map[i, 0], size),
             local_score=float(_resize(output.local_map[i, 0], self.image_size).max()),
             global_score=float(_resize(output.global_map[i, 0], self.image_size).max()),
             is_anomalous=None if self.threshold is None else score > self.threshold,
+            maps=np.stack([output.anomaly_map[i, 0], output.local_map[i, 0], output.global_map[i, 0]]),
+            image_size=size,
         )

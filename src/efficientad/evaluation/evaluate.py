@@ -21,6 +21,7 @@ import numpy as np
 from ..config import PREDICT_BATCH_SIZE
 from ..data.datasets import DefectSpec, Sample, Split, load_defects_config, read_loco_regions, read_mask
 from ..errors import EfficientADError
+from ..files import atomic_write, atomic_write_text
 from .metrics import au_pro, au_spro, f1_max, image_auroc, pixel_auroc, plot_curves
 
 AU_PRO_LIMIT = 0.3
@@ -124,8 +125,9 @@ def evaluate(
     are left out of pixel metrics and listed under ``pixel_level``; pixel metrics are ``None``
     when none can be computed.
 
-    With ``out_dir``, writes ``metrics.json``, ``scores.csv``, ``anomaly_maps/<type>/<stem>.tiff``
-    (float32, original size; ``write_maps``) and ``report.html`` (``write_report``) there.
+    With ``out_dir``, writes ``anomaly_maps/<type>/<stem>.tiff`` (float32, original size;
+    ``write_maps``), ``scores.csv``, ``report.html`` (``write_report``) and, last, ``metrics.json``
+    there, each whole or not at all; an earlier metrics.json is removed first.
     """
     from tqdm import tqdm
 
@@ -144,6 +146,8 @@ def evaluate(
         if out.exists() and not out.is_dir():
             raise EfficientADError(f"output folder is a file: {out}")
         out.mkdir(parents=True, exist_ok=True)
+        # metrics.json is written last and marks a finished evaluation (`efficientad benchmark` resumes on it).
+        (out / "metrics.json").unlink(missing_ok=True)
     map_names = _map_names(test) if out is not None and write_maps else None
     defects = _loco_defects(split) if split.format == "loco" else None
 
@@ -180,10 +184,10 @@ def evaluate(
 
     metrics, curves = _compute_metrics(split, test, labels, scores, pixels, detector.threshold)
     if out is not None:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         _write_scores(out / "scores.csv", records)
         if write_report:
             _write_report(out / "report.html", detector.threshold, split, labels, scores, metrics, curves, extremes)
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -208,8 +212,7 @@ def _map_names(test: Sequence[Sample]) -> list[str]:
 def _write_map(path: Path, anomaly_map: np.ndarray) -> None:
     import tifffile
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(path, np.ascontiguousarray(anomaly_map, dtype=np.float32))
+    atomic_write(path, lambda temporary: tifffile.imwrite(temporary, np.ascontiguousarray(anomaly_map, dtype=np.float32)))
 
 
 def _loco_defects(split: Split) -> dict[int, DefectSpec]:
@@ -316,14 +319,17 @@ def _compute_metrics(
 
 
 def _write_scores(path: Path, records: Sequence[tuple]) -> None:
-    with open(path, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["path", "defect_type", "label", "score", "is_anomalous", "local_score", "global_score"])
-        for sample, score, is_anomalous, local, global_ in records:
-            flag = "" if is_anomalous is None else int(is_anomalous)
-            writer.writerow(
-                [str(sample.path), sample.defect_type, sample.label, f"{score:.6f}", flag, f"{local:.6f}", f"{global_:.6f}"]
-            )
+    def write(temporary: str) -> None:
+        with open(temporary, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["path", "defect_type", "label", "score", "is_anomalous", "local_score", "global_score"])
+            for sample, score, is_anomalous, local, global_ in records:
+                flag = "" if is_anomalous is None else int(is_anomalous)
+                writer.writerow(
+                    [str(sample.path), sample.defect_type, sample.label, f"{score:.6f}", flag, f"{local:.6f}", f"{global_:.6f}"]
+                )
+
+    atomic_write(path, write)
 
 
 def _write_report(

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..files import atomic_write_text
 from ..visualize import display_range, heat_colors, overlay
 
 THUMBNAIL_SIZE = 260
@@ -133,9 +134,7 @@ def write_report(
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
         f"<body><main>{''.join(parts)}</main></body></html>\n"
     )
-    path = Path(path)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return atomic_write_text(path, page)
 
 
 def _number(value: float | None) -> str:

@@ -36,6 +36,7 @@ from ..device import autocast as precision_autocast
 from ..device import resolve_device
 from ..errors import EfficientADError, first_line
 from ..files import atomic_save, versions, write_run_record
+from ..model import tensors_sha256
 from ..networks import TEACHER_CHANNELS, pdn, pdn_output_side
 
 # A sample's two views of one image: at the backbone's side and at the PDN's.
@@ -518,12 +519,17 @@ def pretrain_teacher(
     if checkpoint_every:
         save_checkpoint(step)
 
+    # pretrain.json goes before the teacher file is replaced and comes back after it, so that any
+    # pretrain.json on disk describes the teacher beside it (teacher_tensor_sha256 proves which).
+    record_path = out.parent / "pretrain.json"
+    record_path.unlink(missing_ok=True)
+    state_dict = {k: v.detach().cpu().float().clone() for k, v in teacher.state_dict().items()}
     atomic_save(
         {
             "format": TEACHER_FORMAT,
             "format_version": TEACHER_FORMAT_VERSION,
             "model_size": model_size,
-            "state_dict": {k: v.detach().cpu().float().clone() for k, v in teacher.state_dict().items()},
+            "state_dict": state_dict,
             "backbone": backbone,
             "steps": step,
             "validation_loss": validation_loss,
@@ -543,6 +549,8 @@ def pretrain_teacher(
         "validation_images": len(validation_paths),
         "validation_loss": validation_loss,
         "losses": losses,
+        "teacher_file": str(out),
+        "teacher_tensor_sha256": tensors_sha256(state_dict),
     }
-    write_run_record(out.parent / "pretrain.json", report)
+    write_run_record(record_path, report)
     return PretrainResult(out, step, start_step, validation_loss, seconds, stopped_by, losses)
