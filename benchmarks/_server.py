@@ -46,12 +46,15 @@ def free_port() -> int:
 
 
 class Server:
-    """``efficientad serve`` on loopback, started on entry and stopped (terminated, then killed) on exit."""
+    """``efficientad serve`` on loopback, started on entry and stopped (terminated, then killed) on exit.
 
-    def __init__(self, model: Path, log: Path, extra: list[str] | None = None, start_timeout: float = 180.0):
+    ``model`` is a model file, or with ``target="--models"`` a folder of them.
+    """
+
+    def __init__(self, model: Path, log: Path, extra: list[str] | None = None, start_timeout: float = 180.0, target: str = "--model"):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        self.command = [sys.executable, "-m", "efficientad", "serve", "--model", str(model), "--host", HOST,
+        self.command = [sys.executable, "-m", "efficientad", "serve", target, str(model), "--host", HOST,
                         "--port", str(self.port), "--log-level", "warning", *(extra or [])]
         self.log = log
         self.start_timeout = start_timeout

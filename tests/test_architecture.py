@@ -18,10 +18,11 @@ import efficientad
 from efficientad.cli import build_parser
 build_parser()
 before_use = loaded()
-import efficientad.serve, efficientad.evaluation.evaluate, efficientad.cli.serve
+import efficientad.serve, efficientad.serve_many, efficientad.serve_ray, efficientad.evaluation.evaluate, efficientad.cli.serve
 serving = loaded()
+ray_loaded = "ray" in sys.modules
 from efficientad import EfficientAD, Inferencer, Prediction, EfficientADError, TrainConfig
-print(json.dumps({"before_use": before_use, "serving": serving, "public": EfficientAD.__module__}))
+print(json.dumps({"before_use": before_use, "serving": serving, "ray": ray_loaded, "public": EfficientAD.__module__}))
 """
 
 
@@ -33,6 +34,8 @@ def test_import_rules_hold_in_a_fresh_interpreter():
     # The serving stack loads the deployed path and nothing of training.
     assert "efficientad.deploy.inferencer" in result["serving"]
     assert [m for m in result["serving"] if m.startswith(("efficientad.training", "efficientad.detector"))] == []
+    # Ray is an extra: the serving stack, Ray Serve module included, imports it only when serving on Ray.
+    assert result["ray"] is False
     # The public names load on first use.
     assert result["public"] == "efficientad.detector"
 

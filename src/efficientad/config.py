@@ -198,6 +198,10 @@ SERVE_BODY_TIMEOUT = 30.0
 SERVE_KEEP_ALIVE_TIMEOUT = 5.0
 # Open connections beyond this get 503 before any request is read.
 SERVE_MAX_CONNECTIONS = 1000
+# Models in memory at once when serving a folder of them (`serve --models`); per replica on Ray Serve.
+SERVE_MAX_LOADED = 8
+# Ray Serve's end-to-end deadline for a request (reading, queueing, inference, answer), in seconds.
+SERVE_RAY_REQUEST_TIMEOUT = 60.0
 # The speed protocol: timed batch-1 runs after untimed warm-up runs, throughput at this batch size.
 BENCH_RUNS = 50
 BENCH_WARMUP = 10

@@ -25,8 +25,8 @@ from .errors import EfficientADError
 from .files import write_run_record
 from .model import EfficientADModel, load_model, save_model, tensors_sha256
 from .training.calibrate import calibrate
-from .training.penalty import PenaltyImages
-from .training.teacher import resolve_teacher
+from .training.penalty import PenaltyImages, PenaltySource
+from .training.teacher import Teacher, resolve_teacher
 from .training.train import train_networks
 
 # The training metadata that a run's train.json repeats from the model file, for people and scripts.
@@ -65,23 +65,36 @@ class EfficientAD:
         self,
         images: Sequence[ImageInput] | str | os.PathLike,
         validation_images: Sequence[ImageInput] | str | os.PathLike | None = None,
+        *,
+        teacher: Teacher | None = None,
+        penalty: PenaltySource | None = None,
     ) -> EfficientAD:
         """Train on normal images (paths, arrays or a folder).
 
         Without ``validation_images``, a seeded ``validation_fraction`` of ``images`` is held out to
         measure the map quantiles and the threshold; the networks never see them.
+
+        ``teacher`` and ``penalty`` let many trainings share one load of what the config names:
+        the :class:`~efficientad.training.teacher.Teacher` that ``resolve_teacher(config.teacher,
+        config.model_size)`` returns, and the images of ``config.penalty_images`` prepared at
+        ``config.image_size`` (:class:`~efficientad.training.penalty.PenaltyImages` or a uint8
+        (N, 3, H, W) tensor). Given, they are used as they are: the teacher file and the penalty
+        folder are not read, and need not exist on this machine.
         """
         started = time.perf_counter()
         config = self.config
         # Cheap checks first: a bad setting should fail before minutes of image loading.
         check_precision(config.precision, self.device)
-        if config.penalty_images is not None and not Path(config.penalty_images).is_dir():
+        if penalty is not None:
+            _check_penalty(penalty, config)
+        elif config.penalty_images is not None and not Path(config.penalty_images).is_dir():
             raise EfficientADError(f"penalty_images folder not found: {config.penalty_images}")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            teacher, teacher_source = resolve_teacher(config.teacher, config.model_size, self.progress)
-        for warning in caught:
-            warnings.warn(str(warning.message), stacklevel=2)
+        if teacher is None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                teacher = resolve_teacher(config.teacher, config.model_size, self.progress)
+            for warning in caught:
+                warnings.warn(str(warning.message), stacklevel=2)
         # Every image is read before any failure is raised, so that all unreadable ones are named at once.
         train, skipped = read_images(self._as_list(images), config.image_size, self.progress, "Loading training images")
         validation = None
@@ -99,11 +112,15 @@ class EfficientAD:
             if not tensors:
                 raise EfficientADError(f"no readable {what} images")
         train_tensor, validation_tensor = torch.stack(train), torch.stack(validation)
-        penalty = None if config.penalty_images is None else PenaltyImages(config.penalty_images, config.image_size, self.progress)
+        if penalty is None and config.penalty_images is not None:
+            penalty = PenaltyImages(config.penalty_images, config.image_size, self.progress)
 
         torch.manual_seed(config.seed)
         model = EfficientADModel(config.model_size, config.image_size)
-        model.teacher.load_state_dict(teacher.state_dict())
+        try:
+            model.teacher.load_state_dict(teacher.network.state_dict())
+        except RuntimeError:
+            raise EfficientADError(f"the given teacher ({teacher.source}) is not a PDN-{config.model_size} teacher") from None
         model.to(self.device)
 
         history = train_networks(model, train_tensor, config, penalty, self.progress)
@@ -114,7 +131,7 @@ class EfficientAD:
         self.metadata_ = {
             "config": config.as_dict(),
             "inference_precision": config.precision,
-            "teacher_source": teacher_source,
+            "teacher_source": teacher.source,
             "threshold": self.threshold_,
             "n_train_images": len(train),
             "n_validation_images": len(validation),
@@ -124,6 +141,14 @@ class EfficientAD:
             "calibration": {k: v for k, v in calibration.items() if k != "validation_scores"},
             "validation_scores": calibration["validation_scores"],
         }
+        return self
+
+    def to(self, device: str | torch.device | None) -> EfficientAD:
+        """Move the model (trained or loaded) to ``device``, where it then predicts; returns self."""
+        self.device = resolve_device(device)
+        if self.model_ is not None:
+            self.model_.to(self.device)
+        self._inferencer = None  # built for the old device
         return self
 
     @staticmethod
@@ -197,3 +222,14 @@ class EfficientAD:
         detector.threshold_ = metadata.get("threshold")
         detector.metadata_ = metadata
         return detector
+
+
+def _check_penalty(penalty: PenaltySource, config: TrainConfig) -> None:
+    """Refuse given penalty images that the config would not record, or prepared at another size."""
+    if config.penalty_images is None:
+        raise EfficientADError("penalty images were given but penalty_images is None: name their folder in the config")
+    if len(penalty) == 0:
+        raise EfficientADError(f"no penalty images given for {config.penalty_images}")
+    size = tuple(penalty[0].shape[-2:])
+    if size != config.image_size:
+        raise EfficientADError(f"the given penalty images are {size[0]}x{size[1]}, image_size is {config.image_size[0]}x{config.image_size[1]}")

@@ -8,11 +8,14 @@ Endpoints: ``POST /predict`` (an image as the multipart field ``file`` or as the
 ``?heatmap=png`` returns the heat-map overlay instead of JSON), ``GET /health``, ``GET /model``,
 ``GET /`` (a page to drop an image on) and FastAPI's ``/docs`` and ``/openapi.json``.
 
-The model is loaded once and runs on one dedicated worker thread: requests never race on its
-state, they queue in arrival order, and the event loop stays free to accept, read and reject other
-uploads while an image is scored. Uploads are checked cheaply before they are decoded: byte size
-while the body streams in, then the format and pixel count from the image header, so a
-decompression bomb is refused without being decompressed.
+The path of one request exists once, in :class:`PredictPipeline`, and every endpoint that scores
+an upload goes through it: this app's ``/predict``, the many-models app's
+``/models/{name}/predict`` (:mod:`efficientad.serve_many`) and both on Ray Serve
+(:mod:`efficientad.serve_ray`). A :class:`ServedModel` is one model and its own thread: requests
+never race on its state, they queue in arrival order, and the event loop stays free to accept,
+read and reject other uploads while an image is scored. Uploads are checked cheaply before they
+are decoded: byte size while the body streams in, then the format and pixel count from the image
+header, so a decompression bomb is refused without being decompressed.
 
 Bounds, so that no client can take the server from the others: a body must arrive within
 ``body_timeout`` (408, connection closed; headers have their own deadline, see
@@ -40,13 +43,13 @@ import io
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from types import SimpleNamespace
 from importlib import resources
-from typing import Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal, NoReturn
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -319,6 +322,206 @@ def index_page() -> str:
     return resources.files("efficientad").joinpath("static", "index.html").read_text(encoding="utf-8")
 
 
+class ServedModel:
+    """One loaded model and the one thread that runs it.
+
+    Its predictions run one at a time on that thread, in arrival order, so requests never race on
+    the model's state and the event loop stays free to accept, read and reject other uploads. A
+    request holds a :meth:`lease` while it uses the model: :meth:`close` (a model evicted or
+    replaced by a newer file) ends the thread only once the requests already using it are answered.
+    Leases and :meth:`close` belong to the event loop's thread.
+    """
+
+    def __init__(self, inferencer: Inferencer):
+        self.inferencer = inferencer
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="efficientad-model")
+        self._leases = 0
+        self._closed = False
+
+    @property
+    def threshold(self) -> float | None:
+        return self.inferencer.threshold
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.inferencer.image_size
+
+    async def infer(self, image: Image.Image | np.ndarray, request: Request | None = None) -> Prediction | None:
+        """Score ``image`` on the model's thread; ``None`` when the client left before its turn came.
+
+        Requests queue for the model's thread; one whose client has given up is skipped rather than
+        computed, so abandoned requests do not delay the clients still waiting.
+        """
+        gone = threading.Event()
+        inferencer = self.inferencer
+
+        def job() -> Prediction | None:
+            if gone.is_set():
+                return None
+            (prediction,) = inferencer.predict(image)
+            return prediction
+
+        future = asyncio.get_running_loop().run_in_executor(self._worker, job)
+        while request is not None and not future.done():
+            await asyncio.wait({future}, timeout=DISCONNECT_POLL_SECONDS)
+            if not future.done() and await request.is_disconnected():
+                gone.set()
+                break
+        return await future
+
+    async def warm_up(self) -> None:
+        """One prediction on a blank image: the first forward pass pays for lazy initialisation, before a client does."""
+        height, width = self.image_size
+        await self.infer(Image.new("RGB", (width, height)))
+
+    @contextmanager
+    def lease(self) -> Iterator[ServedModel]:
+        self._leases += 1
+        try:
+            yield self
+        finally:
+            self._leases -= 1
+            if self._closed and not self._leases:
+                self._worker.shutdown(wait=False)
+
+    def close(self) -> None:
+        """End the model's thread once no request holds a lease; the model's memory goes with the last reference."""
+        self._closed = True
+        if not self._leases:
+            self._worker.shutdown(wait=False)
+
+
+class PredictPipeline:
+    """The one path from an uploaded image to its answer, shared by every endpoint that scores one.
+
+    The body is read under the size limit and the body deadline, the image's header is checked,
+    the image is decoded on :data:`DECODE_THREADS` threads and reduced to what the request needs,
+    the model scores it on its own thread, and the answer is JSON or the heat map. At most
+    ``max_pending`` predictions are in progress in the process, whatever model they are for; more
+    get a readable 503 while ``/health`` keeps answering.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_upload_mb: float = SERVE_MAX_UPLOAD_MB,
+        max_megapixels: float = SERVE_MAX_MEGAPIXELS,
+        max_pending: int = SERVE_MAX_PENDING,
+        body_timeout: float = SERVE_BODY_TIMEOUT,
+    ):
+        if max_upload_mb <= 0:
+            raise EfficientADError(f"max_upload_mb must be > 0, got {max_upload_mb}")
+        if max_megapixels <= 0:
+            raise EfficientADError(f"max_megapixels must be > 0, got {max_megapixels}")
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise EfficientADError(f"max_pending must be an integer >= 1, got {max_pending!r}")
+        if not body_timeout > 0:
+            raise EfficientADError(f"body_timeout must be > 0, got {body_timeout}")
+        self.max_bytes = int(max_upload_mb * 1e6)
+        self.max_pixels = int(max_megapixels * 1e6)
+        self.max_pending = max_pending
+        self.body_timeout = body_timeout
+        self.decoder = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="efficientad-decode")
+        # Predictions in progress; only the event loop's thread touches it.
+        self.pending = 0
+
+    async def refuse(self, request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> NoReturn:
+        """Answer ``status`` with ``message`` once the body is read and dropped (see :func:`drain_body`)."""
+        await drain_body(request, self.max_bytes, time.monotonic() + self.body_timeout)
+        raise HTTPException(status, message, headers=headers)
+
+    async def predict(
+        self, request: Request, heatmap: str | None, model: Callable[[], Awaitable[ServedModel]]
+    ) -> Response | PredictResponse:
+        """Answer one upload; ``model`` gives the model to score it with, once the upload has passed its checks."""
+        if self.pending >= self.max_pending:
+            await self.refuse(
+                request,
+                503,
+                f"server busy: {self.max_pending} predictions in progress; retry shortly",
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
+        self.pending += 1
+        try:
+            return await self._answer(request, heatmap, model)
+        finally:
+            self.pending -= 1
+
+    async def _answer(self, request: Request, heatmap: str | None, model: Callable[[], Awaitable[ServedModel]]) -> Response | PredictResponse:
+        data = await upload_bytes(request, self.max_bytes, time.monotonic() + self.body_timeout)
+        arrived = time.perf_counter()
+        opened = await run_in_threadpool(open_image, data, self.max_pixels)
+        del data
+        served = await model()
+        loop = asyncio.get_running_loop()
+        with served.lease():
+            upload = await loop.run_in_executor(self.decoder, decode_upload, opened, served.image_size, heatmap is not None)
+            del opened
+            prediction = await served.infer(upload.model_input, request)
+            threshold = served.threshold
+        if prediction is None:  # nobody is left to read an answer; the status is for the access log
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        result = PredictResponse(
+            score=prediction.score,
+            is_anomalous=prediction.is_anomalous,
+            threshold=threshold,
+            local_score=prediction.local_score,
+            global_score=prediction.global_score,
+            latency_ms=round((time.perf_counter() - arrived) * 1000.0, 3),
+            width=upload.width,
+            height=upload.height,
+        )
+        if heatmap is None:
+            return result
+        png = await loop.run_in_executor(self.decoder, render_overlay, upload, prediction, threshold)
+        return Response(png, media_type="image/png", headers=score_headers(result))
+
+
+# The query parameter and route description of every endpoint that scores an upload.
+Heatmap = Annotated[Literal["png"] | None, Query(description="'png': answer with the heat-map overlay as a PNG")]
+PREDICT_ROUTE: dict[str, Any] = {
+    "summary": "score one image",
+    "response_model": PredictResponse,
+    "responses": {
+        200: {"content": {"image/png": {}}, "description": "JSON, or with ?heatmap=png the overlay (scores in X-* headers)"},
+        400: {"description": "empty upload, or multipart without the field 'file'"},
+        408: {"description": "the upload's body did not arrive within the server's body timeout"},
+        413: {"description": "upload over the size limit, or image over the pixel limit"},
+        415: {"description": "not an image in an accepted format"},
+        422: {"description": "corrupt or truncated image, or a bad query parameter"},
+        503: {"description": "too many predictions in progress: retry after the Retry-After seconds"},
+    },
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {UPLOAD_FIELD: {"type": "string", "format": "binary"}},
+                        "required": [UPLOAD_FIELD],
+                    }
+                },
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "image/*": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+}
+
+
+def base_app(description: str, lifespan: Callable[[FastAPI], Any]) -> FastAPI:
+    """A FastAPI app with the title, version and ``GET /health`` that every serving app shares."""
+    app = FastAPI(title="EfficientAD", version=__version__, description=description, lifespan=lifespan)
+    started_at = time.time()
+
+    @app.get("/health", summary="liveness: the server answers (serving one model: that model is loaded)")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "uptime_seconds": round(time.time() - started_at, 3)}
+
+    return app
+
+
 def create_app(
     model: str | os.PathLike | Inferencer,
     *,
@@ -348,14 +551,7 @@ def create_app(
     :data:`DECODE_THREADS` threads, and a request then keeps only the image at the model's input
     size (plus a display copy of at most ``OVERLAY_MAX_MEGAPIXELS`` for a heat map).
     """
-    if max_upload_mb <= 0:
-        raise EfficientADError(f"max_upload_mb must be > 0, got {max_upload_mb}")
-    if max_megapixels <= 0:
-        raise EfficientADError(f"max_megapixels must be > 0, got {max_megapixels}")
-    if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-        raise EfficientADError(f"max_pending must be an integer >= 1, got {max_pending!r}")
-    if not body_timeout > 0:
-        raise EfficientADError(f"body_timeout must be > 0, got {body_timeout}")
+    pipeline = PredictPipeline(max_upload_mb=max_upload_mb, max_megapixels=max_megapixels, max_pending=max_pending, body_timeout=body_timeout)
     if isinstance(model, Inferencer):
         # A shallow copy shares the loaded session; its threshold is this app's alone.
         inferencer = copy.copy(model)
@@ -367,140 +563,36 @@ def create_app(
         inferencer = Inferencer.load(model, precision=precision, device=device)
     if threshold is not None:
         inferencer.threshold = float(threshold)
-    decision_threshold = inferencer.threshold
-    max_bytes = int(max_upload_mb * 1e6)
-    max_pixels = int(max_megapixels * 1e6)
+    served = ServedModel(inferencer)
     page = index_page()
-    # One thread owns the model: inference is serialised without a lock held across awaits.
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="efficientad-model")
-    decoder = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="efficientad-decode")
-    # Predictions in progress; only the event loop's thread touches it.
-    pending = SimpleNamespace(count=0)
-    started_at = time.time()
-
-    async def infer(image: Image.Image | np.ndarray, request: Request | None = None) -> Prediction | None:
-        """Score ``image`` on the model's thread; ``None`` when the client left before its turn came.
-
-        Requests queue for the one model thread; one whose client has given up is skipped rather
-        than computed, so abandoned requests do not delay the clients still waiting.
-        """
-        gone = threading.Event()
-
-        def job() -> Prediction | None:
-            if gone.is_set():
-                return None
-            (prediction,) = inferencer.predict(image)
-            return prediction
-
-        future = asyncio.get_running_loop().run_in_executor(worker, job)
-        while request is not None and not future.done():
-            await asyncio.wait({future}, timeout=DISCONNECT_POLL_SECONDS)
-            if not future.done() and await request.is_disconnected():
-                gone.set()
-                break
-        return await future
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # The first forward pass pays for lazy initialisation; pay it before the first client does.
-        height, width = inferencer.image_size
-        await infer(Image.new("RGB", (width, height)))
+        await served.warm_up()
         yield
+        served.close()
 
-    app = FastAPI(
-        title="EfficientAD",
-        version=__version__,
-        description="Visual anomaly detection with EfficientAD: upload an image, get its anomaly score, "
+    async def the_model() -> ServedModel:
+        return served
+
+    app = base_app(
+        "Visual anomaly detection with EfficientAD: upload an image, get its anomaly score, "
         "verdict and heat map. The verdict compares the score with the decision threshold (see GET /model).",
-        lifespan=lifespan,
+        lifespan,
     )
     app.state.inferencer = inferencer
-    app.state.threshold = decision_threshold
+    app.state.threshold = inferencer.threshold
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/health", summary="liveness: the model is loaded and the server answers")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "uptime_seconds": round(time.time() - started_at, 3)}
-
     @app.get("/model", summary="the model: configuration, image size, threshold, teacher, training record")
     async def describe_model() -> dict[str, Any]:
-        return model_info(inferencer, decision_threshold, threshold is not None, show_details)
+        return model_info(inferencer, inferencer.threshold, threshold is not None, show_details)
 
-    @app.post(
-        "/predict",
-        summary="score one image",
-        response_model=PredictResponse,
-        responses={
-            200: {"content": {"image/png": {}}, "description": "JSON, or with ?heatmap=png the overlay (scores in X-* headers)"},
-            400: {"description": "empty upload, or multipart without the field 'file'"},
-            408: {"description": "the upload's body did not arrive within the server's body timeout"},
-            413: {"description": "upload over the size limit, or image over the pixel limit"},
-            415: {"description": "not an image in an accepted format"},
-            422: {"description": "corrupt or truncated image, or a bad query parameter"},
-            503: {"description": "too many predictions in progress: retry after the Retry-After seconds"},
-        },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {UPLOAD_FIELD: {"type": "string", "format": "binary"}},
-                            "required": [UPLOAD_FIELD],
-                        }
-                    },
-                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                    "image/*": {"schema": {"type": "string", "format": "binary"}},
-                },
-            }
-        },
-    )
-    async def predict(
-        request: Request,
-        heatmap: Literal["png"] | None = Query(None, description="'png': answer with the heat-map overlay as a PNG"),
-    ):
-        deadline = time.monotonic() + body_timeout
-        if pending.count >= max_pending:
-            await drain_body(request, max_bytes, deadline)
-            raise HTTPException(
-                503,
-                f"server busy: {max_pending} predictions in progress; retry shortly",
-                headers={"Retry-After": "1", "Connection": "close"},
-            )
-        pending.count += 1
-        try:
-            return await answer(request, heatmap, deadline)
-        finally:
-            pending.count -= 1
-
-    async def answer(request: Request, heatmap: str | None, deadline: float) -> Response | PredictResponse:
-        data = await upload_bytes(request, max_bytes, deadline)
-        arrived = time.perf_counter()
-        opened = await run_in_threadpool(open_image, data, max_pixels)
-        del data
-        loop = asyncio.get_running_loop()
-        upload = await loop.run_in_executor(decoder, decode_upload, opened, inferencer.image_size, heatmap is not None)
-        del opened
-        prediction = await infer(upload.model_input, request)
-        if prediction is None:  # nobody is left to read an answer; the status is for the access log
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        result = PredictResponse(
-            score=prediction.score,
-            is_anomalous=prediction.is_anomalous,
-            threshold=decision_threshold,
-            local_score=prediction.local_score,
-            global_score=prediction.global_score,
-            latency_ms=round((time.perf_counter() - arrived) * 1000.0, 3),
-            width=upload.width,
-            height=upload.height,
-        )
-        if heatmap is None:
-            return result
-        png = await loop.run_in_executor(decoder, render_overlay, upload, prediction, decision_threshold)
-        return Response(png, media_type="image/png", headers=score_headers(result))
+    @app.post("/predict", **PREDICT_ROUTE)
+    async def predict(request: Request, heatmap: Heatmap = None):
+        return await pipeline.predict(request, heatmap, the_model)
 
     return app

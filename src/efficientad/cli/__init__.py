@@ -13,7 +13,8 @@ import sys
 from .. import __version__
 from ..errors import EfficientADError
 
-COMMANDS = ("demo", "train", "predict", "pretrain", "eval", "serve", "benchmark", "export", "bench")
+# Module names; a module may name its sub-command otherwise (train_many registers `train-many`).
+COMMANDS = ("demo", "train", "train_many", "predict", "pretrain", "eval", "serve", "benchmark", "export", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -55,6 +56,17 @@ RANDOM_TEACHER_WARNING = (
     "using a randomly initialised teacher: no pretrained features, so accuracy will be clearly lower "
     "than the paper's. Use teacher 'small'/'medium' (download) or a teacher file for real use."
 )
+
+
+class Teacher(NamedTuple):
+    """A loaded frozen teacher and where it came from (``official:small``, ``random`` or a file's path).
+
+    What :func:`resolve_teacher` returns; :meth:`EfficientAD.fit <efficientad.EfficientAD.fit>` takes
+    one already loaded, so that many trainings can share a single load (``efficientad train-many``).
+    """
+
+    network: nn.Sequential
+    source: str
 
 
 def cache_dir() -> Path:
@@ -168,7 +180,7 @@ def load_teacher_file(path: str | os.PathLike, model_size: str) -> nn.Sequential
     return teacher
 
 
-def resolve_teacher(spec: str | os.PathLike | None, model_size: str, progress: bool = True) -> tuple[nn.Sequential, str]:
+def resolve_teacher(spec: str | os.PathLike | None, model_size: str, progress: bool = True) -> Teacher:
     """Build the frozen teacher from ``spec`` and say where it came from.
 
     ``spec`` is ``"small"``/``"medium"`` (official weights, downloaded once into :func:`cache_dir`),
@@ -179,7 +191,7 @@ def resolve_teacher(spec: str | os.PathLike | None, model_size: str, progress: b
     if spec == "random":
         warnings.warn(RANDOM_TEACHER_WARNING, stacklevel=2)
         torch.manual_seed(0)
-        return pdn(model_size, TEACHER_CHANNELS), "random"
+        return Teacher(pdn(model_size, TEACHER_CHANNELS), "random")
     if spec in OFFICIAL_TEACHERS:
         official = OFFICIAL_TEACHERS[str(spec)]
         if official.model_size != model_size:
@@ -188,8 +200,8 @@ def resolve_teacher(spec: str | os.PathLike | None, model_size: str, progress: b
                 f"or teacher {OFFICIAL_BY_SIZE[model_size]!r}"
             )
         path = fetch_official(str(spec), progress=progress)
-        return load_teacher_file(path, model_size), f"official:{spec}"
-    return load_teacher_file(spec, model_size), str(Path(spec).resolve())
+        return Teacher(load_teacher_file(path, model_size), f"official:{spec}")
+    return Teacher(load_teacher_file(spec, model_size), str(Path(spec).resolve()))
 
 
 def official_teacher_available(model_size: str) -> bool:
