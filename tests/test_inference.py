@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from efficientad.cli import main
+from efficientad.device import cpu_supports_bf16
 from efficientad.errors import EfficientADError
 from efficientad.deploy.formats import export_model
 from efficientad.deploy.fused import FusedModel
@@ -211,6 +212,8 @@ def test_bench_cli_runs(tmp_path, capsys):
     assert main(["bench", "--runs", "2", "--warmup", "1", "--batch-size", "1", "--threads", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["latency_batch1"]["runs"] == 2
-    assert result["backend"] == "torch" and result["precision"] == "fp32"
+    # auto: bf16 where the CPU has it natively, else fp32 (no int8 without a model).
+    assert result["backend"] == "torch" and result["precision"] == ("bf16" if cpu_supports_bf16() else "fp32")
+    assert result["precision_choice"].startswith(f"auto: {result['precision']}")
     assert {"cpu", "threads", "versions"} <= set(result["system"])
     assert "batch 1 median" in capsys.readouterr().out

@@ -18,8 +18,13 @@ DATASET_FORMATS = ("mvtec", "loco", "visa", "folder")
 # A collection benchmark's name -> the dataset layout of its categories.
 COLLECTIONS = {"mvtec_ad": "mvtec", "loco": "loco", "visa": "visa", "folder": "folder"}
 BACKENDS = ("torch", "onnxruntime", "openvino")
-# Which precisions each runtime offers; int8 is static post-training quantisation, measured by
-# ``efficientad bench`` but not offered for deployment (it costs accuracy: see deploy/speed.py).
+# What a deployed model may run in: "auto" picks bf16 where the CPU has it natively, else the
+# model's int8 export where it passed its acceptance test, else fp32 (deploy/inferencer.py);
+# int8 is an OpenVINO export made by `efficientad export --precision int8` (deploy/quantize.py).
+INFERENCE_PRECISIONS = ("auto", *PRECISIONS, "int8")
+EXPORT_PRECISIONS = ("fp32", "int8")
+# Which precisions each runtime offers to `efficientad bench`; its int8 quantises every convolution
+# of the networks without accuracy control (for speed; deployments use an int8 export).
 BACKEND_PRECISIONS = {
     "torch": ("fp32", "bf16", "fp16"),
     "onnxruntime": ("fp32", "int8"),

@@ -93,6 +93,50 @@ def image_scores(maps: torch.Tensor) -> torch.Tensor:
     return maps[:, 0].amax(dim=(1, 2))
 
 
+def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation) for tensors of any size.
+
+    ``torch.quantile`` refuses inputs above 2**24 elements; a top-k over the upper tail finds the
+    same two order statistics without sorting everything.
+    """
+    flat = values.reshape(-1)
+    position = q * (flat.numel() - 1)
+    below = int(math.floor(position))
+    # Descending, so the last two entries are the order statistics at ``below`` and ``below + 1``.
+    tail = torch.topk(flat, k=flat.numel() - below, largest=True, sorted=True).values
+    low = tail[-1]
+    high = tail[-2] if len(tail) > 1 else low
+    return low + (high - low) * (position - below)
+
+
+def measure_map_quantiles(raw: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """The four map quantiles (:class:`MapQuantiles` order) of raw (N, 2, h, w) maps of held-out normal images.
+
+    Refuses maps that are not finite (training diverged) or have no spread (constant training images),
+    either of which would turn every later score into inf or NaN.
+    """
+    if not torch.isfinite(raw).all():
+        raise EfficientADError(
+            "calibration failed: the held-out images' anomaly maps are not finite (training diverged); "
+            "train again with precision='fp32' or a lower learning_rate"
+        )
+    q = [quantile(raw[:, 0], low), quantile(raw[:, 0], high), quantile(raw[:, 1], low), quantile(raw[:, 1], high)]
+    for branch, start, end in (("local", q[0], q[1]), ("global", q[2], q[3])):
+        # float32 maps: a spread below their resolution would turn every later score into inf or NaN.
+        if not end - start > 1e-6 * max(float(abs(end)), 1e-30):
+            raise EfficientADError(
+                f"calibration failed: the held-out images' {branch} map has no spread (its {high} quantile equals its "
+                f"{low} quantile), so no threshold can be measured; the training images are constant or nearly so: "
+                "train on varied photos of good parts"
+            )
+    return torch.stack(q).float()
+
+
+def decision_threshold(validation_scores: torch.Tensor, false_positive_rate: float) -> float:
+    """The score that ``false_positive_rate`` of the held-out normal images exceed."""
+    return float(torch.quantile(validation_scores.double(), 1.0 - false_positive_rate))
+
+
 class EfficientADModel(nn.Module):
     """Teacher, student and autoencoder with the normalisation constants learned around them.
 

@@ -299,6 +299,7 @@ def model_info(inferencer: Inferencer, threshold: float | None, overridden: bool
         "image_size": list(inferencer.image_size),
         "file_format": inferencer.format,
         "precision": inferencer.precision,
+        "precision_choice": inferencer.reason or None,
         "threshold": threshold,
         "threshold_source": "override" if overridden else "model file",
         "model_file_threshold": inferencer.metadata.get("threshold"),
@@ -537,7 +538,7 @@ def create_app(
     """Build the serving app around one model.
 
     ``model`` is a model file (``model.pt`` or an export; loaded now, onto ``device``, in
-    ``precision``, by default the one it was calibrated in) or an :class:`Inferencer`, used as it is
+    ``precision``: see :meth:`Inferencer.load`) or an :class:`Inferencer`, used as it is
     (``device`` and ``precision`` are then ignored, and its own threshold is left untouched).
     ``threshold`` overrides the model's decision threshold for this app (see the module docstring
     for what that threshold is). ``show_details`` lets ``GET /model`` show full paths and library

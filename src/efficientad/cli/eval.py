@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         {
             "model": str(args.model),
             "precision": detector.precision,
+            "precision_choice": detector.reason or None,
             "data": {"root": str(args.data), "category": args.category, "format": args.format},
             "metrics": metrics,
         },

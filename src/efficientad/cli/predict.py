@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         {
             "model": str(args.model),
             "precision": detector.precision,
+            "precision_choice": detector.reason or None,
             "threshold": detector.threshold,
             "n_images": n_scored,
             "n_anomalous": n_anomalous,

@@ -6,7 +6,7 @@ import argparse
 import ipaddress
 from pathlib import Path
 
-from ..choices import PRECISIONS
+from ..choices import INFERENCE_PRECISIONS
 from ..config import (
     SERVE_BODY_TIMEOUT,
     SERVE_HEADER_TIMEOUT,
@@ -18,7 +18,7 @@ from ..config import (
     SERVE_MAX_UPLOAD_MB,
     SERVE_RAY_REQUEST_TIMEOUT,
 )
-from .options import positive
+from .options import PRECISION_HELP, positive
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -55,9 +55,7 @@ def register(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface) (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument(
-        "--precision", choices=PRECISIONS, help="default: the model's calibration precision where this machine runs it natively, else fp32"
-    )
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="auto", help=PRECISION_HELP)
     parser.add_argument(
         "--threshold",
         type=float,
@@ -158,7 +156,8 @@ def _model_app(args: argparse.Namespace, limits: dict):
     app = create_app(args.model, device=args.device, precision=args.precision, threshold=args.threshold, **limits)
     threshold = app.state.threshold
     shown = "none (no verdicts)" if threshold is None else f"{threshold:.4f}"
-    print(f"efficientad serve: {args.model}, threshold {shown}; page http://{args.host}:{args.port}/, API docs /docs", flush=True)
+    inferencer = app.state.inferencer
+    print(f"efficientad serve: {args.model}, precision {inferencer.reason or inferencer.precision}, threshold {shown}; page http://{args.host}:{args.port}/, API docs /docs", flush=True)
     return app
 
 

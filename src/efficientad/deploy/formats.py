@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,12 +27,14 @@ import torch
 
 from .. import __version__
 from ..choices import EXPORT_FORMATS, INPUT_DTYPES, check_choice
+from ..config import INT8_MAX_SCORE_ERROR
 from ..errors import EfficientADError, first_line
 from ..files import atomic_write
 from ..model import EfficientADModel, check_format, load_model
 from .fused import FusedModel
+from ..device import cpu_supports_bf16
 from .graphs import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, example_input, onnx_bytes, openvino_model, require_openvino
-from .runtimes import OnnxRuntimeSession, OpenVinoSession, TorchSession
+from .runtimes import OPENVINO_PRECISIONS, OnnxRuntimeSession, OpenVinoSession, TorchSession
 
 METADATA_FORMAT = "efficientad-inference"
 METADATA_FORMAT_VERSION = 1
@@ -95,34 +97,52 @@ def _write_torchscript(module: FusedModel, path: Path, metadata: dict[str, Any])
 
 
 def _write_openvino(module: FusedModel, path: Path, metadata: dict[str, Any]) -> Path:
-    """OpenVINO IR: ``path`` (.xml) and the weights beside it (.bin), kept in float32.
+    return save_openvino(openvino_model(module), path, metadata)
+
+
+def save_openvino(graph, path: Path, metadata: dict[str, Any]) -> Path:
+    """Write an ``openvino.Model`` as IR: ``path`` (.xml) and the weights beside it (.bin), kept in float32.
 
     The runtime picks the compute precision; weights compressed to fp16 would lose accuracy on every device.
     """
     ov = require_openvino()
     if path.suffix != ".xml":
         raise EfficientADError(f"an OpenVINO model is written as NAME.xml (+ NAME.bin), got {path}")
+    graph.set_rt_info(json.dumps(metadata), METADATA_KEY)
     # Loaders open the .xml and read the .bin beside it: the old .xml goes first and the new one comes
     # last, so that however the export is stopped, an .xml on disk has its own .bin. OpenVINO insists on
     # writing NAME.xml, so the pair is staged in the system's temporary folder and copied in from there.
     path.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         staged = Path(folder) / "model.xml"
-        ov.save_model(openvino_model(module, metadata), str(staged), compress_to_fp16=False)
+        ov.save_model(graph, str(staged), compress_to_fp16=False)
         for source, target in ((staged.with_suffix(".bin"), path.with_suffix(".bin")), (staged, path)):
             atomic_write(target, lambda temporary: shutil.copyfile(source, temporary))
     return path
 
 
 # ------------------------------------------------------------------------------------------ openers
-def _open_onnx(path: Path, precision: str, device: str, threads: int | None) -> tuple[Session, dict[str, Any]]:
-    if precision != "fp32":
-        raise EfficientADError("ONNX files run in the precision they were exported in; use precision='fp32'")
+def _float_precision(precision: str | None, path: Path, offered: tuple[str, ...]) -> str:
+    """The precision a float export runs in: ``auto`` is bf16 where offered and native here, ``None`` fp32."""
+    if precision is None:
+        return "fp32"
+    if precision == "int8":
+        raise EfficientADError(f"{path} is a float export; make an int8 one with `efficientad export --precision int8`")
+    if precision == "auto":
+        return "bf16" if "bf16" in offered and cpu_supports_bf16() else "fp32"
+    if precision not in offered:
+        raise EfficientADError(f"{path} runs in {' or '.join(offered)}, not {precision}")
+    return precision
+
+
+def _open_onnx(path: Path, precision: str | None, device: str, threads: int | None) -> tuple[Session, dict[str, Any], str]:
+    precision = _float_precision(precision, path, ("fp32",))
     session = OnnxRuntimeSession(path, threads, device)
-    return session, parse_metadata(session.metadata_text, path)
+    return session, parse_metadata(session.metadata_text, path), precision
 
 
-def _open_torchscript(path: Path, precision: str, device: str, threads: int | None) -> tuple[Session, dict[str, Any]]:
+def _open_torchscript(path: Path, precision: str | None, device: str, threads: int | None) -> tuple[Session, dict[str, Any], str]:
+    precision = _float_precision(precision, path, ("fp32",))
     extra = {TORCHSCRIPT_EXTRA_FILE: ""}
     try:
         with warnings.catch_warnings():
@@ -131,19 +151,34 @@ def _open_torchscript(path: Path, precision: str, device: str, threads: int | No
     except (RuntimeError, ValueError) as error:
         raise EfficientADError(f"cannot read TorchScript file {path}: {first_line(error)}") from None
     metadata = parse_metadata(extra[TORCHSCRIPT_EXTRA_FILE], path)
-    return TorchSession(module, device, precision, threads=threads), metadata
+    return TorchSession(module, device, precision, threads=threads), metadata, precision
 
 
-def _open_openvino(path: Path, precision: str, device: str, threads: int | None) -> tuple[Session, dict[str, Any]]:
+def read_openvino_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata embedded in an OpenVINO export, read without compiling it."""
+    return parse_metadata(OpenVinoSession(path, None).metadata_text, path)
+
+
+def _open_openvino(path: Path, precision: str | None, device: str, threads: int | None) -> tuple[Session, dict[str, Any], str]:
     if str(device) != "cpu":
         raise EfficientADError("the OpenVINO backend here runs on the CPU only")
-    session = OpenVinoSession(path, precision, threads)
-    return session, parse_metadata(session.metadata_text, path)
+    session = OpenVinoSession(path, None, threads)  # the precision is set below, before anything compiles
+    metadata = parse_metadata(session.metadata_text, path)
+    if metadata["inference_precision"] == "int8":
+        if precision not in (None, "auto", "int8"):
+            raise EfficientADError(f"{path} is an int8 model: it runs in int8 (precision 'int8' or 'auto'), not {precision}")
+        # Its float layers in float32: the arithmetic its quantiles and threshold were measured in.
+        session.set_precision("fp32")
+        return session, metadata, "int8"
+    precision = _float_precision(precision, path, tuple(OPENVINO_PRECISIONS))
+    session.set_precision(precision)
+    return session, metadata, precision
 
 
 class ExportFormat(NamedTuple):
     write: Callable[[FusedModel, Path, dict[str, Any]], Path]
-    open: Callable[[Path, str, str, int | None], tuple[Session, dict[str, Any]]]
+    # (path, precision (None, "auto" or one the file runs in), device, threads) -> session, metadata, precision
+    open: Callable[[Path, str, str, int | None], tuple[Session, dict[str, Any], str]]
 
 
 FORMATS: dict[str, ExportFormat] = {
@@ -176,8 +211,14 @@ def detect_format(path: str | os.PathLike) -> str:
     return "onnx"
 
 
-def open_export(path: str | os.PathLike, format: str, precision: str = "fp32", device: str = "cpu", threads: int | None = None) -> tuple[Session, dict[str, Any]]:
-    """A session for an exported file, and its embedded metadata."""
+def open_export(
+    path: str | os.PathLike, format: str, precision: str | None = None, device: str = "cpu", threads: int | None = None
+) -> tuple[Session, dict[str, Any], str]:
+    """A session for an exported file, its embedded metadata and the precision it runs in.
+
+    ``precision=None``: as exported (int8 or fp32). ``"auto"``: an int8 file runs in int8; a float
+    OpenVINO file in bf16 where this CPU has it natively, else fp32; ONNX and TorchScript files in fp32.
+    """
     check_choice("format", format, EXPORT_FORMATS)
     return FORMATS[format].open(Path(path), precision, str(device), threads)
 
@@ -220,10 +261,63 @@ def _verify(module: FusedModel, path: Path, format: str) -> None:
     with torch.no_grad():
         expected = module(images)[0].numpy()
     images = images.numpy()
-    exported, _ = open_export(path, format)
+    exported, _, _ = open_export(path, format, "fp32")
     got = exported.run(images).score
     error = float(np.max(np.abs(got - expected) / np.maximum(np.abs(expected), 1e-6)))
     if not error <= EXPORT_TOLERANCE:
         for written in (path, path.with_suffix(".bin")) if format == "openvino" else (path,):
             written.unlink(missing_ok=True)
         raise EfficientADError(f"the {format} export gave scores {error:.2e} away from the model's (relative); nothing was written")
+
+
+def export_int8(
+    model: str | os.PathLike | EfficientADModel,
+    out: str | os.PathLike,
+    calibration: Sequence[np.ndarray],
+    validation: Sequence[np.ndarray],
+    *,
+    threshold: float | None = None,
+    model_metadata: dict[str, Any] | None = None,
+    max_score_error: float = INT8_MAX_SCORE_ERROR,
+    threads: int | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Quantise a model to int8 (:func:`~efficientad.deploy.quantize.quantize_int8`) and write it as OpenVINO IR.
+
+    ``calibration`` and ``validation`` are the model's training and held-out normal images, float32
+    (1, 3, H, W) batches (see :func:`~efficientad.deploy.quantize.quantization_images`). The file embeds
+    the threshold measured on the int8 model (unless ``threshold`` is given) and the calibration
+    record, which is also returned; it is written whether or not it passed its acceptance test
+    (``record["accepted"]``), and ``precision="auto"`` uses it only if it passed.
+    """
+    from .quantize import quantize_int8
+
+    out = Path(out)
+    if out.suffix != ".xml":
+        raise EfficientADError(f"an int8 model is written as OpenVINO IR, NAME.xml (+ NAME.bin), got {out}")
+    if isinstance(model, EfficientADModel):
+        metadata_in = dict(model_metadata or {})
+    else:
+        model, metadata_in = load_model(model)
+    config = metadata_in.get("config", {})
+    result = quantize_int8(
+        model,
+        calibration,
+        validation,
+        quantile_levels=(config.get("map_quantile_low", 0.9), config.get("map_quantile_high", 0.995)),
+        false_positive_rate=config.get("false_positive_rate", 0.01),
+        max_score_error=max_score_error,
+        expected_validation_scores=metadata_in.get("validation_scores"),
+        threads=threads,
+    )
+    module = FusedModel(model)
+    metadata = inference_metadata(module, result.threshold if threshold is None else threshold, {**metadata_in, "inference_precision": "int8"})
+    metadata["int8"] = {key: value for key, value in result.record.items() if key not in _DROPPED_FIELDS}
+    path = save_openvino(result.model, out, metadata)
+    # The file must run as the model in memory did: the same scores on the first validation image.
+    expected = OpenVinoSession(result.model, "fp32", threads).run(validation[0]).score
+    got = open_export(path, "openvino", "int8", threads=threads)[0].run(validation[0]).score
+    if not np.allclose(got, expected, rtol=EXPORT_TOLERANCE, atol=1e-6):
+        for written in (path, path.with_suffix(".bin")):
+            written.unlink(missing_ok=True)
+        raise EfficientADError(f"the written int8 model scores {got} where the quantised one scored {expected}; nothing was written")
+    return path, result.record

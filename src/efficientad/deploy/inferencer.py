@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -21,13 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..choices import BACKEND_PRECISIONS, BACKENDS, MAP_KINDS, check_choice
+from ..choices import BACKEND_PRECISIONS, BACKENDS, INFERENCE_PRECISIONS, MAP_KINDS, check_choice
 from ..config import PREDICT_BATCH_SIZE
 from ..data.images import ImageInput, read_image, resize_to_tensor
-from ..device import resolve_device, usable_precision
+from ..device import cpu_supports_bf16, resolve_device, usable_precision
 from ..errors import EfficientADError
 from ..model import EfficientADModel, load_model, resize_maps
-from .formats import Session, detect_format, inference_metadata, open_export
+from .formats import Session, detect_format, inference_metadata, open_export, read_openvino_metadata
+from .graphs import require_openvino
 from .fused import FusedModel
 from .runtimes import InferenceOutput, check_batch, make_session
 
@@ -82,6 +84,37 @@ class Prediction:
         return self.map_at(self.image_size, "global")
 
 
+def int8_path(model_path: str | os.PathLike) -> Path:
+    """Where ``efficientad export --precision int8`` puts a model's int8 export by default, and ``auto`` looks."""
+    model_path = Path(model_path)
+    return model_path.with_name(f"{model_path.stem}.int8.xml")
+
+
+def int8_export_of(model_path: str | os.PathLike, model_metadata: dict[str, Any]) -> tuple[Path | None, str]:
+    """The accepted int8 export of this model beside its file, or None and why there is none."""
+    path = int8_path(model_path)
+    if not path.is_file():
+        return None, f"no int8 export ({path.name}; make one with `efficientad export --precision int8`)"
+    try:
+        require_openvino()
+        metadata = read_openvino_metadata(path)
+    except EfficientADError as error:
+        return None, f"{path.name} is unusable: {error}"
+    if metadata.get("inference_precision") != "int8" or metadata.get("model", {}).get("tensor_sha256") != model_metadata.get("tensor_sha256"):
+        return None, f"{path.name} is not an int8 export of this model (export it again)"
+    if not metadata.get("int8", {}).get("accepted"):
+        return None, f"{path.name} failed its acceptance test (see its record)"
+    return path, f"{path.name} passed its acceptance test"
+
+
+def _why(precision: str) -> str:
+    return {
+        "bf16": "bf16 (this CPU has native bf16)",
+        "fp32": "fp32 (this CPU has no native bf16)",
+        "int8": "int8 (an int8 export)",
+    }.get(precision, precision)
+
+
 class Inferencer:
     """A loaded model of any supported format, ready to score images.
 
@@ -90,11 +123,13 @@ class Inferencer:
     the JSON embedded at export time; ``precision`` is the arithmetic its session runs.
     """
 
-    def __init__(self, session: Session, metadata: dict[str, Any], format: str, precision: str = "fp32"):
+    def __init__(self, session: Session, metadata: dict[str, Any], format: str, precision: str = "fp32", reason: str = ""):
         self.session = session
         self.metadata = metadata
         self.format = format
         self.precision = precision
+        # Why this precision, when it was chosen rather than asked for ("auto").
+        self.reason = reason
         self.image_size: tuple[int, int] = tuple(metadata["image_size"])
         self.input_dtype: str = metadata["input_dtype"]
         self.threshold: float | None = metadata.get("threshold")
@@ -111,19 +146,52 @@ class Inferencer:
     ) -> Inferencer:
         """Open ``path``, telling the format by its content.
 
-        ``precision=None`` runs the precision the model was calibrated in where this machine runs
-        it natively (else fp32, with a warning). A ``model.pt`` runs on any ``backend``; an export
-        runs on its own runtime, in the precision it was exported in (OpenVINO: any it offers).
+        ``precision``:
+
+        - ``None``: the precision the model was calibrated in, where this machine runs it natively
+          (else fp32, with a warning), so that its validation images score exactly what calibration
+          measured; an export runs in the precision it was exported in (fp32 or int8).
+        - ``"auto"``: the fastest that keeps accuracy here. On a CPU: bf16 where the CPU has it natively;
+          else the model's int8 export (``model.int8.xml`` beside ``model.pt``, made by ``efficientad
+          export --precision int8`` from this very model) where it passed its acceptance test; else
+          fp32. On a GPU, as ``None``. :attr:`reason` says what was chosen and why.
+        - ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"``: that one, or an error that says why not.
+
+        A ``model.pt`` runs on any ``backend``; an export runs on its own runtime.
         """
+        check_choice("precision", precision, (None, *INFERENCE_PRECISIONS))
         format = detect_format(path)
-        if format == "native":
-            model, model_metadata = load_model(path)
-            return cls.from_model(model, model_metadata, backend=backend or "torch", precision=precision, device=device, threads=threads)
-        if backend is not None and backend != FORMAT_BACKENDS[format]:
-            raise EfficientADError(f"a {format} file runs on the {FORMAT_BACKENDS[format]} backend, not {backend!r}")
-        precision = precision or "fp32"
-        session, metadata = open_export(path, format, precision, device, threads)
-        return cls(session, metadata, format, precision)
+        if format != "native":
+            if backend is not None and backend != FORMAT_BACKENDS[format]:
+                raise EfficientADError(f"a {format} file runs on the {FORMAT_BACKENDS[format]} backend, not {backend!r}")
+            session, metadata, chosen = open_export(path, format, precision, device, threads)
+            reason = ""
+            if precision == "auto":
+                reason = f"auto: {_why(chosen)}" if format == "openvino" else f"auto: fp32 (what {FORMAT_BACKENDS[format]} runs {format} files in)"
+            return cls(session, metadata, format, chosen, reason)
+        model, model_metadata = load_model(path)
+        on_cpu = resolve_device(device).type == "cpu"
+        if precision == "int8" or (precision == "auto" and on_cpu and backend in (None, "openvino") and not cpu_supports_bf16()):
+            int8, why_not = int8_export_of(path, model_metadata)
+            if int8 is not None and on_cpu:
+                inferencer = cls.load(int8, precision="int8", threads=threads)
+                if precision == "auto":
+                    inferencer.reason = f"auto: int8 ({int8.name} passed its acceptance test; this CPU has no native bf16)"
+                return inferencer
+            if precision == "int8":
+                raise EfficientADError(f"no int8 model for {path}: {why_not if on_cpu else 'int8 runs on the CPU'}")
+        reason = ""
+        if precision == "auto":
+            if on_cpu:
+                precision = "bf16" if cpu_supports_bf16() and "bf16" in BACKEND_PRECISIONS[backend or "torch"] else "fp32"
+                reason = f"auto: {_why(precision)}"
+                if precision == "fp32" and backend in (None, "openvino"):
+                    reason += f"; {int8_export_of(path, model_metadata)[1]}"
+            else:
+                precision = None
+        inferencer = cls.from_model(model, model_metadata, backend=backend or "torch", precision=precision, device=device, threads=threads)
+        inferencer.reason = reason
+        return inferencer
 
     @classmethod
     def from_model(
@@ -136,7 +204,10 @@ class Inferencer:
         device: str | torch.device = "cpu",
         threads: int | None = None,
     ) -> Inferencer:
-        """An inferencer for a model in memory; ``model_metadata`` is what its model file holds besides weights."""
+        """An inferencer for a model in memory; ``model_metadata`` is what its model file holds besides weights.
+
+        ``precision=None`` is the model's calibration precision where native here (see :meth:`load`).
+        """
         check_choice("backend", backend, BACKENDS)
         if precision is None:
             stored = model_metadata.get("inference_precision", "fp32")

@@ -215,8 +215,6 @@ class OpenVinoSession:
 
     def __init__(self, source, precision: str | None = "fp32", threads: int | None = None, device: str = "CPU"):
         ov = require_openvino()
-        if precision is not None:
-            check_choice("precision", precision, OPENVINO_PRECISIONS)
         self.core = ov.Core()
         if isinstance(source, (str, os.PathLike)):
             try:
@@ -228,9 +226,17 @@ class OpenVinoSession:
         self.threads = threads or default_threads()
         self.device = device.upper()
         self.config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.threads}
-        if precision is not None:
-            self.config["INFERENCE_PRECISION_HINT"] = OPENVINO_PRECISIONS[precision]
         self._requests: dict[tuple[int, ...], Any] = {}
+        self.set_precision(precision)
+
+    def set_precision(self, precision: str | None) -> None:
+        """Change the precision hint (``None``: OpenVINO's own choice); later runs compile again."""
+        if precision is None:
+            self.config.pop("INFERENCE_PRECISION_HINT", None)
+        else:
+            check_choice("precision", precision, OPENVINO_PRECISIONS)
+            self.config["INFERENCE_PRECISION_HINT"] = OPENVINO_PRECISIONS[precision]
+        self._requests.clear()
 
     def _request(self, shape: tuple[int, ...]):
         if shape not in self._requests:

@@ -11,15 +11,13 @@ wall time says it waited for them. Load averages before and after go into the re
 Accuracy of a backend/precision is its difference to the float32 PyTorch path on real test images:
 max absolute difference of scores and maps, and the image AUROC of each.
 
-Why int8 is measured here but offered nowhere else: both maps are squared differences between two
-networks (teacher and student, autoencoder and student), small for normal images by training.
-Static post-training quantisation (int8 weights per channel, uint8 activations per tensor) adds
-independent rounding noise to each network's features, and their difference carries all of it: on
-MVTec AD bottle the local map moved by up to 0.43 (0.1 is a normal image's 99.5th percentile) and the
-image AUROC fell by 0.05 (ONNX Runtime) to 0.08 (OpenVINO). Leaving the output convolutions in float
-did not help (the noise comes from the trunks), nor did percentile calibration. bf16 rounds each
-value relative to its own magnitude; int8 rounds all values of a tensor to one absolute step, set by
-its largest activations and coarse for the many small ones. bf16 stayed within 0.005 AUROC.
+The int8 of ``bench --precision int8`` on a ``model.pt`` quantises every convolution, with activation
+ranges from normal images and no accuracy control: it times int8, and its accuracy shows why
+deployments use the int8 export instead (:mod:`efficientad.deploy.quantize`). Both maps are squared
+differences between two networks, small for normal images by training; int8 rounding noise in each
+network's features adds to their difference, and activations beyond the normal images' ranges (the
+defects) are clipped. On MVTec AD bottle this plain int8 lost 0.05 (ONNX Runtime) to 0.08 (OpenVINO)
+image AUROC.
 """
 
 from __future__ import annotations
@@ -41,6 +39,10 @@ from ..errors import EfficientADError
 from ..files import versions
 from ..model import EfficientADModel, load_model
 from .fused import FusedModel
+from ..choices import BACKEND_PRECISIONS
+from ..device import cpu_supports_bf16
+from .formats import detect_format
+from .inferencer import FORMAT_BACKENDS, Inferencer
 from .runtimes import InferenceOutput, OpenVinoSession, TorchSession, make_session
 
 
@@ -186,7 +188,7 @@ def bench(
     model_size: str = "s",
     model_path: str | os.PathLike | None = None,
     backend: str = "torch",
-    precision: str = "fp32",
+    precision: str = "auto",
     device: str = "cpu",
     batch_size: int = BENCH_BATCH_SIZE,
     runs: int = BENCH_RUNS,
@@ -201,35 +203,56 @@ def bench(
 ) -> dict[str, Any]:
     """Time one backend/precision; random weights unless ``model_path`` is given.
 
+    ``precision="auto"`` (and any export given as ``model_path``) times what a deployment would run:
+    :meth:`Inferencer.load <efficientad.deploy.inferencer.Inferencer.load>`'s choice.
+
     int8 needs ``calibration`` batches; without them random images stand in (fine for timing, not
     for accuracy). ``test_set`` (float32 images at the model's size, labels) adds an ``accuracy``
     entry comparing the session with float32 PyTorch, whose outputs ``reference`` may supply.
     Returns a JSON-serialisable dict (configuration, system, timings).
     """
-    if model_path is not None:
-        model, _ = load_model(model_path)
-        model_size, image_size = model.model_size, model.image_size
-    else:
-        model = random_model(model_size, tuple(image_size))
-    module = FusedModel(model)
-    if precision == "int8" and not calibration:
-        rng = np.random.default_rng(0)
-        calibration = [rng.random((1, 3, *module.image_size), dtype=np.float32) for _ in range(4)]
+    choice = ""
     threads = threads or default_threads()
-    session = make_session(module, backend, precision, device, threads, compile=compile, cuda_graphs=cuda_graphs, calibration=calibration)
-    speed = measure_speed(session, (3, *module.image_size), module.input_dtype, runs, warmup, batch_size)
+    if model_path is not None and (precision == "auto" or detect_format(model_path) != "native"):
+        # What a deployment runs: the file's own runtime, or auto's choice (which may be an int8 export).
+        inferencer = Inferencer.load(model_path, backend=backend if detect_format(model_path) == "native" else None, precision=precision, device=device, threads=threads)
+        session, precision, choice = inferencer.session, inferencer.precision, inferencer.reason
+        backend = backend if inferencer.format == "native" else FORMAT_BACKENDS[inferencer.format]
+        image_shape, input_dtype = (3, *inferencer.image_size), inferencer.input_dtype
+        model_size = inferencer.metadata["model_size"]
+        # The float32 reference of accuracy: the model file itself, where there is one.
+        module = FusedModel(load_model(model_path)[0]) if detect_format(model_path) == "native" else None
+    else:
+        if model_path is not None:
+            model, _ = load_model(model_path)
+            model_size, image_size = model.model_size, model.image_size
+        else:
+            model = random_model(model_size, tuple(image_size))
+        module = FusedModel(model)
+        if precision == "auto":
+            precision = "bf16" if str(device) == "cpu" and cpu_supports_bf16() and "bf16" in BACKEND_PRECISIONS[backend] else "fp32"
+            choice = f"auto: {precision} ({'native bf16' if precision == 'bf16' else 'no native bf16'} on this CPU; no int8 model without --model)"
+        if precision == "int8" and not calibration:
+            rng = np.random.default_rng(0)
+            calibration = [rng.random((1, 3, *module.image_size), dtype=np.float32) for _ in range(4)]
+        session = make_session(module, backend, precision, device, threads, compile=compile, cuda_graphs=cuda_graphs, calibration=calibration)
+        image_shape, input_dtype = (3, *module.image_size), module.input_dtype
+    speed = measure_speed(session, image_shape, input_dtype, runs, warmup, batch_size)
     accuracy = None
     if test_set is not None:
         images, labels = test_set
+        if reference is None and module is None:
+            raise EfficientADError("accuracy against float32 needs the model.pt (or a reference), not only an export")
         if reference is None:
             reference = run_all(TorchSession(module, "cpu", "fp32", threads=threads), images)
         accuracy = compare(run_all(session, images), reference, labels)
     result = {
         "model_size": model_size,
         "model": None if model_path is None else str(model_path),
-        "image_size": list(module.image_size),
+        "image_size": list(image_shape[1:]),
         "backend": backend,
         "precision": precision,
+        "precision_choice": choice or None,
         # OpenVINO may compute in another precision than asked (its own default, or what the CPU has).
         "effective_precision": session.inference_precision if isinstance(session, OpenVinoSession) and precision != "int8" else precision,
         "device": device,

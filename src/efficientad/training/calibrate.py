@@ -12,11 +12,9 @@ import torch
 
 from ..config import PREDICT_BATCH_SIZE, TrainConfig
 from ..data.images import to_float
-from ..errors import EfficientADError
 from ..deploy.fused import FusedModel
 from ..deploy.runtimes import make_session
-from ..model import EfficientADModel, MapQuantiles, image_scores, map_scale, normalize_maps, to_image_grid
-from .train import quantile
+from ..model import EfficientADModel, MapQuantiles, decision_threshold, image_scores, map_scale, measure_map_quantiles, normalize_maps, to_image_grid
 
 
 @torch.no_grad()
@@ -30,28 +28,13 @@ def calibrate(model: EfficientADModel, images: torch.Tensor, config: TrainConfig
     batches = [to_float(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
     measuring = make_session(FusedModel(model, allow_uncalibrated=True), "torch", config.precision, device)
     raw = torch.cat([torch.from_numpy(measuring.raw_maps(batch)) for batch in batches])
-    if not torch.isfinite(raw).all():
-        raise EfficientADError(
-            "calibration failed: the held-out images' anomaly maps are not finite (training diverged); "
-            "train again with precision='fp32' or a lower learning_rate"
-        )
     low, high = config.map_quantile_low, config.map_quantile_high
-    q = [quantile(raw[:, 0], low), quantile(raw[:, 0], high), quantile(raw[:, 1], low), quantile(raw[:, 1], high)]
-    for branch, start, end in (("local", q[0], q[1]), ("global", q[2], q[3])):
-        # float32 maps: a spread below their resolution would turn every later score into inf or NaN.
-        if not end - start > 1e-6 * max(float(abs(end)), 1e-30):
-            raise EfficientADError(
-                f"calibration failed: the held-out images' {branch} map has no spread (its {high} quantile equals its "
-                f"{low} quantile), so no threshold can be measured; the training images are constant or nearly so: "
-                "train on varied photos of good parts"
-            )
-    model.map_quantiles.copy_(torch.stack(q))
-    maps = to_image_grid(normalize_maps(raw, *map_scale(model.map_quantiles.cpu())), model.image_size)
-    scores = image_scores(maps).double()
-    threshold = float(torch.quantile(scores, 1.0 - config.false_positive_rate))
+    quantiles = measure_map_quantiles(raw, low, high)
+    model.map_quantiles.copy_(quantiles)
+    scores = image_scores(to_image_grid(normalize_maps(raw, *map_scale(quantiles)), model.image_size))
     return {
-        "map_quantiles": MapQuantiles(*(float(value) for value in q))._asdict(),
+        "map_quantiles": MapQuantiles(*quantiles.tolist())._asdict(),
         "quantile_levels": [low, high],
-        "validation_scores": scores.tolist(),
-        "threshold": threshold,
+        "validation_scores": scores.double().tolist(),
+        "threshold": decision_threshold(scores, config.false_positive_rate),
     }
