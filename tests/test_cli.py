@@ -58,7 +58,7 @@ def test_train_writes_model_and_record(trained):
 def test_a_train_stopped_after_the_model_leaves_no_older_record(trained, dataset, tmp_path, monkeypatch, capsys):
     from efficientad.detector import EfficientAD
 
-    def fit_from_the_trained_model(self, *args):
+    def fit_from_the_trained_model(self, *args, **kwargs):
         trained_model = EfficientAD.load(trained / "model.pt")
         self.model_, self.threshold_, self.metadata_ = trained_model.model_, trained_model.threshold_, trained_model.metadata_
         return self
@@ -74,7 +74,8 @@ def test_a_train_stopped_after_the_model_leaves_no_older_record(trained, dataset
     monkeypatch.setattr("efficientad.files.versions", killed)  # the run record's first step; the model file's is done
     code = main(["train", "--data", str(dataset), "--category", "part", "--teacher", "random", "--out", str(out)])
     assert code == 130
-    assert sorted(path.name for path in out.iterdir()) == ["model.pt"]
+    # The new model and its curve, written before the record; no record of an older model.
+    assert sorted(path.name for path in out.iterdir()) == ["model.pt", "training_curve.png"]
     assert "removed 1 temporary file(s)" in capsys.readouterr().err
 
 

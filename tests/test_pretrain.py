@@ -1,4 +1,5 @@
 import json
+import re
 import urllib.error
 from pathlib import Path
 
@@ -11,9 +12,20 @@ from PIL import Image
 from torch import nn
 
 from efficientad.cli import main
+from efficientad.cli.pretrain import TIME_BUDGET_HELP
 from efficientad.errors import EfficientADError
 from efficientad.model import tensors_sha256
-from efficientad.training.pretrain import BACKBONES, DistillationTarget, checkpoint_path, load_backbone, pretrain_teacher
+from efficientad.training import pretrain as pretrain_module
+from efficientad.training import target_stats
+from efficientad.training.pretrain import (
+    BACKBONES,
+    MIN_STATISTICS_SAMPLES,
+    STATISTICS_BUDGET_SHARE,
+    DistillationTarget,
+    checkpoint_path,
+    load_backbone,
+    pretrain_teacher,
+)
 
 # Tiny settings: 32x32 PDN input (64x64 for the backbone, an 8x8 target grid), random resnet18.
 TINY = dict(
@@ -37,6 +49,15 @@ def _smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarr
         np.cos((x + y) * rng.uniform(2, 9)) * 0.5 + 0.5,
     ]
     return (np.stack(channels, axis=-1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def user_cache(tmp_path_factory) -> Path:
+    """The user cache folder, where target statistics go by default, in a temporary folder."""
+    folder = tmp_path_factory.mktemp("user_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EFFICIENTAD_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -219,12 +240,14 @@ def test_resume_needs_a_matching_checkpoint(images, tmp_path):
         pretrain_teacher(images, out, steps=2, resume=True, **{**TINY, "batch_size": 2})
 
 
-def test_time_budget_still_writes_a_valid_teacher(images, tmp_path):
-    result = pretrain_teacher(images, tmp_path / "teacher.pth", steps=1000, time_budget=1e-6, **TINY)
-    assert result.stopped_by == "time_budget" and result.steps == 0
-    teacher = torch.load(result.out, weights_only=True)
-    assert teacher["steps"] == 0 and np.isfinite(teacher["validation_loss"])
-    assert torch.load(checkpoint_path(result.out), weights_only=True)["step"] == 0
+def test_a_budget_spent_before_the_first_step_is_refused(images, tmp_path):
+    cache = tmp_path / "stats"
+    refusal = r"spent before the first training step .* give a larger --time-budget"
+    with pytest.raises(EfficientADError, match=refusal):
+        pretrain_teacher(images, tmp_path / "teacher.pth", steps=1000, time_budget=1e-6, stats_cache=cache, **TINY)
+    assert not (tmp_path / "teacher.pth").exists()
+    # The statistics it measured are not lost: the next run reuses them.
+    assert [path.name.rsplit("-", 1)[1] for path in cache.iterdir()] == [f"{TINY['normalization_images']}.pt"]
 
 
 def test_bf16_autocast_trains(images, tmp_path):
@@ -284,6 +307,181 @@ def test_one_image_is_too_few(images, tmp_path):
         pretrain_teacher(folder, tmp_path / "teacher.pth", **TINY)
 
 
+# ------------------------------------------------------------------- target statistics: budget, cache
+
+
+@pytest.fixture
+def clock(monkeypatch) -> list[float]:
+    """Pretraining's clock, advanced one second by each pass of the target (one batch), and only by it.
+
+    Budgets then count batches: deterministic on a busy machine, and seconds of budget cost milliseconds.
+    """
+    now = [0.0]
+    forward = DistillationTarget.forward
+
+    def timed_forward(self, images):
+        now[0] += 1.0
+        return forward(self, images)
+
+    monkeypatch.setattr(DistillationTarget, "forward", timed_forward)
+    monkeypatch.setattr(pretrain_module, "monotonic", lambda: now[0])
+    return now
+
+
+@pytest.fixture
+def added_batches(monkeypatch) -> list[int]:
+    """The sizes of the batches the statistics pass measures, in order."""
+    sizes = []
+    add = target_stats.ChannelSums.add
+
+    def counted_add(self, features):
+        sizes.append(len(features))
+        add(self, features)
+
+    monkeypatch.setattr(target_stats.ChannelSums, "add", counted_add)
+    return sizes
+
+
+def _statistics_of(out: Path) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The run record's ``target_statistics`` and the mean and std that the run trained with."""
+    record = json.loads((out.parent / "pretrain.json").read_text())["target_statistics"]
+    checkpoint = torch.load(checkpoint_path(out), weights_only=True)
+    return record, checkpoint["channel_mean"], checkpoint["channel_std"]
+
+
+def test_statistics_are_reused_by_a_run_with_the_same_inputs(images, tmp_path, added_batches, capsys):
+    cache = tmp_path / "stats"
+    pretrain_teacher(images, tmp_path / "first" / "teacher.pth", steps=1, stats_cache=cache, **TINY)
+    first, first_mean, first_std = _statistics_of(tmp_path / "first" / "teacher.pth")
+    assert (first["source"], first["samples"], first["computed_samples"]) == ("computed", 16, 16)
+    assert sum(added_batches) == 16 and Path(first["saved_to"]).parent == cache
+    capsys.readouterr()
+
+    added_batches.clear()
+    result = pretrain_teacher(images, tmp_path / "second" / "teacher.pth", steps=1, stats_cache=cache, **TINY)
+    second, second_mean, second_std = _statistics_of(result.out)
+    assert added_batches == []  # not one target pass spent on statistics
+    assert (second["source"], second["computed_samples"], second["reused_from"]) == ("reused", 0, first["saved_to"])
+    assert torch.equal(second_mean, first_mean) and torch.equal(second_std, first_std)
+    assert result.target_statistics == second
+    assert f"target statistics: reused (16 samples, {first['saved_to']})" in capsys.readouterr().err
+
+
+def _copy_images(images: Path, folder: Path) -> Path:
+    for path in images.rglob("*.*"):
+        (folder / path.relative_to(images)).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path.relative_to(images)).write_bytes(path.read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("change", ["an image", "the seed", "the grayscale probability"])
+def test_statistics_are_measured_again_when_their_inputs_change(images, tmp_path, added_batches, change):
+    folder = _copy_images(images, tmp_path / "images")
+    cache = tmp_path / "stats"
+    pretrain_teacher(folder, tmp_path / "first" / "teacher.pth", steps=1, stats_cache=cache, **TINY)
+    settings = dict(TINY)
+    if change == "an image":
+        Image.fromarray(_smooth_image(np.random.default_rng(1), 60, 48)).save(folder / "more" / "7.png")
+    elif change == "the seed":
+        settings["seed"] = 7
+    else:
+        settings["grayscale"] = 0.5
+    added_batches.clear()
+    pretrain_teacher(folder, tmp_path / "second" / "teacher.pth", steps=1, stats_cache=cache, **settings)
+    second, *_ = _statistics_of(tmp_path / "second" / "teacher.pth")
+    assert second["source"] == "computed" and sum(added_batches) == 16
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_a_budget_cuts_the_statistics_pass_and_a_later_run_continues_it(
+    images, tmp_path, clock, capsys, monkeypatch
+):
+    # A lower minimum lets a budget of a few training steps cut the pass.
+    minimum, requested, budget = 4, 64, 16.0
+    monkeypatch.setattr(pretrain_module, "MIN_STATISTICS_SAMPLES", minimum)
+    cache = tmp_path / "stats"
+    settings = {**TINY, "normalization_images": requested, "stats_cache": cache}
+    cut = pretrain_teacher(images, tmp_path / "cut" / "teacher.pth", steps=1000, time_budget=budget, **settings)
+    record, *_ = _statistics_of(cut.out)
+    samples = record["samples"]
+    # The pass ended at the budget's share (this clock: a second per batch of 4 samples), leaving
+    # the rest of the budget to training, which used it and wrote a teacher.
+    assert minimum < samples < requested and samples % 4 == 0
+    assert (record["stopped_by"], record["computed_samples"]) == ("time_budget", samples)
+    assert record["saved_to"] == str(next(cache.glob(f"*-{samples}.pt")))
+    assert f"stopped at {samples} of {requested} samples" in capsys.readouterr().err
+    assert cut.stopped_by == "time_budget" and cut.steps > 0 and clock[0] >= budget
+    teacher = torch.load(cut.out, weights_only=True)
+    assert teacher["steps"] == cut.steps and np.isfinite(teacher["validation_loss"])
+
+    continued = pretrain_teacher(images, tmp_path / "continued" / "teacher.pth", steps=1, **settings)
+    record, mean, std = _statistics_of(continued.out)
+    assert (record["source"], record["reused_samples"], record["samples"]) == ("continued", samples, requested)
+    assert record["reused_from"] == str(next(cache.glob(f"*-{samples}.pt")))
+    assert record["computed_samples"] == requested - samples
+    # Continuing a cut pass measures what one uninterrupted pass over all the samples measures.
+    straight_out = tmp_path / "straight" / "teacher.pth"
+    pretrain_teacher(images, straight_out, steps=1, **{**settings, "stats_cache": False})
+    record, straight_mean, straight_std = _statistics_of(straight_out)
+    assert record["source"] == "computed" and record["saved_to"] is None
+    torch.testing.assert_close(mean, straight_mean)
+    torch.testing.assert_close(std, straight_std)
+
+
+def test_the_statistics_pass_measures_a_minimum_of_samples_however_short_the_budget(images, tmp_path, clock):
+    settings = {**TINY, "normalization_images": 256, "stats_cache": tmp_path / "stats"}
+    with pytest.raises(EfficientADError, match=f"measuring {MIN_STATISTICS_SAMPLES} target-statistics samples"):
+        pretrain_teacher(images, tmp_path / "teacher.pth", steps=10, time_budget=4.0, **settings)
+
+
+def test_a_damaged_cache_file_is_ignored(images, tmp_path):
+    cache = tmp_path / "stats"
+    pretrain_teacher(images, tmp_path / "first" / "teacher.pth", steps=1, stats_cache=cache, **TINY)
+    saved = next(cache.iterdir())
+    saved.write_bytes(b"half a file")
+    with pytest.warns(UserWarning, match=f"ignoring cached target statistics {re.escape(str(saved))}"):
+        pretrain_teacher(images, tmp_path / "second" / "teacher.pth", steps=1, stats_cache=cache, **TINY)
+    assert _statistics_of(tmp_path / "second" / "teacher.pth")[0]["source"] == "computed"
+    assert torch.load(saved, weights_only=True)["samples"] == 16  # written anew
+
+
+def test_backbone_weights_count_by_content(resnet18_weights, tmp_path):
+    copy = tmp_path / "copy.pth"
+    copy.write_bytes(resnet18_weights.read_bytes())
+    assert target_stats.weights_identity(copy) == target_stats.weights_identity(resnet18_weights)
+    state = torch.load(resnet18_weights, weights_only=True)
+    state["layer1.0.conv1.weight"] += 1
+    torch.save(state, copy)
+    assert target_stats.weights_identity(copy) != target_stats.weights_identity(resnet18_weights)
+    assert target_stats.weights_identity("imagenet") != target_stats.weights_identity(None)
+
+
+def test_the_estimate_is_printed_before_the_statistics_pass(images, tmp_path, capsys):
+    result = pretrain_teacher(images, tmp_path / "teacher.pth", steps=3, stats_cache=False, **TINY)
+    printed = capsys.readouterr().err
+    line = json.loads((tmp_path / "pretrain.json").read_text())["estimate"]["line"]
+    assert printed.startswith(line + "\n")
+    pattern = r"target statistics: about \d+ s for 16 samples; training: about \d+ s for 3 steps at \S+ s/step"
+    assert re.fullmatch(pattern, line) and result.steps == 3
+
+
+def test_the_estimate_says_what_a_budget_leaves_and_suggests_one_for_long_runs():
+    estimate = pretrain_module._estimate_line
+    long = estimate("target statistics: about 58 min for 10000 samples", 3500, 23, 60_000, 0.45, None, 5)
+    assert long.endswith(
+        "training: about 7.5 h for 60000 steps at 0.45 s/step; over an hour: --time-budget SECONDS bounds the run "
+        f"(the statistics pass gets at most {STATISTICS_BUDGET_SHARE:.0%} of it)"
+    )
+    short = estimate("target statistics: about 20 s for 64 samples", 20, 20, 100, 0.45, None, 5)
+    assert short == "target statistics: about 20 s for 64 samples; training: about 45 s for 100 steps at 0.45 s/step"
+    budgeted = estimate("statistics", 3500, 23, 60_000, 0.5, 3600.0, 0.0)
+    # A quarter of the hour for statistics, the other 45 minutes for 5400 steps of 0.5 s.
+    assert budgeted.endswith("the time budget (60 min) ends it sooner: about 15 min of statistics and 5400 steps")
+    # Its minimum of samples, the statistics pass measures whatever the budget.
+    short_budget = estimate("statistics", 3500, 60, 60_000, 0.5, 120.0, 0.0)
+    assert short_budget.endswith("the time budget (2 min) ends it sooner: about 60 s of statistics and 120 steps")
+
+
 # ------------------------------------------------------------------------------------------- CLI
 
 
@@ -292,26 +490,33 @@ def test_cli_help(capsys):
         main(["pretrain", "--help"])
     assert exit.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--backbone-weights", "--images", "--model-size", "--time-budget", "--resume", "--out"):
+    options = ("--backbone-weights", "--images", "--model-size", "--time-budget", "--resume", "--out", "--stats-cache")
+    for option in options:
         assert option in text
+    # The help states the budget rule in words, not from the constants (which would import torch).
+    assert (STATISTICS_BUDGET_SHARE, MIN_STATISTICS_SAMPLES) == (0.25, 64)
+    assert "a quarter of it (after at least 64 samples)" in TIME_BUDGET_HELP
+
+
+def _cli_pretrain(images: Path, weights: Path, out: Path, *options: str) -> int:
+    return main(
+        [
+            "pretrain", "--backbone", "resnet18", "--backbone-weights", str(weights),
+            "--images", str(images), "--model-size", "s", "--steps", "3", "--batch-size", "2",
+            "--image-size", "32", "--normalization-images", "4", "--device", "cpu", "--workers", "0",
+            "--seed", "1", "--quiet", "--out", str(out), *options,
+        ]
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def cli_teacher(images, resnet18_weights, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "teacher.pth"
-    code = main(
-        [
-            "pretrain", "--backbone", "resnet18", "--backbone-weights", str(resnet18_weights),
-            "--images", str(images), "--model-size", "s", "--steps", "3", "--batch-size", "2",
-            "--image-size", "32", "--normalization-images", "4", "--device", "cpu", "--workers", "0",
-            "--seed", "1", "--quiet", "--out", str(out),
-        ]
-    )  # fmt: skip
-    assert code == 0
+    assert _cli_pretrain(images, resnet18_weights, out) == 0
     return out
 
 
-def test_cli_writes_a_teacher_and_a_run_record(cli_teacher):
+def test_cli_writes_a_teacher_and_a_run_record(cli_teacher, user_cache):
     teacher = torch.load(cli_teacher, weights_only=True)
     assert teacher["format"] == "efficientad-teacher" and teacher["format_version"] == 1
     assert (teacher["model_size"], teacher["backbone"], teacher["steps"]) == ("s", "resnet18", 3)
@@ -322,6 +527,17 @@ def test_cli_writes_a_teacher_and_a_run_record(cli_teacher):
     assert record["config"]["backbone"] == "resnet18" and record["config"]["seed"] == 1
     assert record["steps"] == 3 and record["seconds"] > 0 and record["losses"]["validation"][-1][0] == 3
     assert record["teacher_tensor_sha256"] == tensors_sha256(teacher["state_dict"])  # the teacher it describes
+    # Cached in the user cache folder by default.
+    assert record["target_statistics"]["cache"] == str(user_cache / "target_stats")
+    assert Path(record["target_statistics"]["saved_to"]).is_file()
+
+
+def test_cli_says_where_the_statistics_came_from(cli_teacher, images, resnet18_weights, tmp_path, capsys):
+    saved_to = json.loads((cli_teacher.parent / "pretrain.json").read_text())["target_statistics"]["saved_to"]
+    assert _cli_pretrain(images, resnet18_weights, tmp_path / "again.pth") == 0
+    assert f"target statistics of 4 samples reused from {saved_to}" in capsys.readouterr().out
+    assert _cli_pretrain(images, resnet18_weights, tmp_path / "anew.pth", "--no-stats-cache") == 0
+    assert capsys.readouterr().out.endswith("; target statistics measured on 4 samples\n")
 
 
 def test_cli_reports_errors_in_one_line(tmp_path, capsys):

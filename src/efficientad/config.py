@@ -65,6 +65,15 @@ class TrainConfig:
       decides by their size. ``compile``: ``torch.compile`` the student trunk and the autoencoder.
     - ``skip_bad_images``: train on the readable images when some cannot be read (with a warning
       naming them; the model records them as ``skipped_images``) instead of refusing to train.
+    - ``time_budget``: wall-clock seconds for the whole of ``fit`` up to calibration (image loading
+      and teacher statistics count); the paper's schedule is laid out on the steps that fit, measured
+      on the first steps, and ``steps`` stays an upper bound. ``None``: ``steps`` alone decide.
+    - ``validate_every``: steps between the validation losses of the learning curve (``None``:
+      a twentieth of the planned steps, fewer points where they would cost over 5% of the training
+      time). ``early_stop``: end training when that curve has flattened (the rule:
+      :data:`efficientad.training.schedule.EARLY_STOP_RULE`).
+    - ``checkpoint_every``: seconds between checkpoints when ``fit`` is given a checkpoint file
+      (0: none); they do not change what is learned.
     """
 
     model_size: str = "s"
@@ -86,6 +95,10 @@ class TrainConfig:
     compile: bool = False
     cache_teacher: bool | None = None
     skip_bad_images: bool = False
+    time_budget: float | None = None
+    validate_every: int | None = None
+    early_stop: bool = False
+    checkpoint_every: float = 600.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -107,6 +120,12 @@ class TrainConfig:
                 f"map_quantile_low must be below map_quantile_high, got {self.map_quantile_low} and {self.map_quantile_high}"
             )
         _check_optimizer(self)
+        if self.validate_every is not None:
+            _check_positive(self, "validate_every")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise EfficientADError(f"time_budget must be positive seconds or None, got {self.time_budget!r}")
+        if not self.checkpoint_every >= 0:
+            raise EfficientADError(f"checkpoint_every must be seconds >= 0 (0: no checkpoints), got {self.checkpoint_every!r}")
 
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -202,6 +221,10 @@ SERVE_MAX_CONNECTIONS = 1000
 SERVE_MAX_LOADED = 8
 # Ray Serve's end-to-end deadline for a request (reading, queueing, inference, answer), in seconds.
 SERVE_RAY_REQUEST_TIMEOUT = 60.0
+# int8 export: training images that set the activation ranges, and the largest mean score error
+# against fp32 (on held-out normal images and synthetic defects) that passes the acceptance test.
+INT8_CALIBRATION_IMAGES = 64
+INT8_MAX_SCORE_ERROR = 0.01
 # The speed protocol: timed batch-1 runs after untimed warm-up runs, throughput at this batch size.
 BENCH_RUNS = 50
 BENCH_WARMUP = 10

@@ -25,6 +25,8 @@ from .errors import EfficientADError
 from .files import write_run_record
 from .model import EfficientADModel, load_model, save_model, tensors_sha256
 from .training.calibrate import calibrate
+from .training.checkpoint import Checkpointing, check_resumable, check_same_config, fingerprint, read_checkpoint
+from .training.curves import plot_training_curve
 from .training.penalty import PenaltyImages, PenaltySource
 from .training.teacher import Teacher, resolve_teacher
 from .training.train import train_networks
@@ -68,11 +70,21 @@ class EfficientAD:
         *,
         teacher: Teacher | None = None,
         penalty: PenaltySource | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        resume: bool = False,
+        checkpoint_notes: dict[str, Any] | None = None,
     ) -> EfficientAD:
         """Train on normal images (paths, arrays or a folder).
 
         Without ``validation_images``, a seeded ``validation_fraction`` of ``images`` is held out to
-        measure the map quantiles and the threshold; the networks never see them.
+        measure the map quantiles and the threshold; the networks never see them. Their losses during
+        training are the learning curve, ``metadata_["training"]["curve"]``.
+
+        ``checkpoint``: a file where the run saves itself every ``checkpoint_every`` seconds
+        (atomically; with ``checkpoint_notes``, facts for whoever resumes it). ``resume=True``
+        continues the run saved there, bit for bit on the same machine, with this detector's
+        configuration, which must be the checkpoint's (:meth:`from_checkpoint`), and the same images
+        and teacher, or it is refused. The file is left in place: remove it once the model is saved.
 
         ``teacher`` and ``penalty`` let many trainings share one load of what the config names:
         the :class:`~efficientad.training.teacher.Teacher` that ``resolve_teacher(config.teacher,
@@ -85,6 +97,12 @@ class EfficientAD:
         config = self.config
         # Cheap checks first: a bad setting should fail before minutes of image loading.
         check_precision(config.precision, self.device)
+        saved = None
+        if resume:
+            if checkpoint is None:
+                raise EfficientADError("resume=True needs the checkpoint file to resume from")
+            saved = read_checkpoint(checkpoint)
+            check_same_config(saved, config.as_dict(), checkpoint)
         if penalty is not None:
             _check_penalty(penalty, config)
         elif config.penalty_images is not None and not Path(config.penalty_images).is_dir():
@@ -123,7 +141,21 @@ class EfficientAD:
             raise EfficientADError(f"the given teacher ({teacher.source}) is not a PDN-{config.model_size} teacher") from None
         model.to(self.device)
 
-        history = train_networks(model, train_tensor, config, penalty, self.progress)
+        checkpointing = None
+        if checkpoint is not None:
+            identity = {
+                "config": config.as_dict(),
+                "data": {"training": fingerprint(train_tensor), "validation": fingerprint(validation_tensor)},
+                "teacher_sha256": tensors_sha256(teacher.network.state_dict()),
+                "notes": checkpoint_notes or {},
+            }
+            if saved is not None:
+                check_resumable(saved, identity, checkpoint)
+            checkpointing = Checkpointing(Path(checkpoint), config.checkpoint_every, identity, saved)
+        history = train_networks(
+            model, train_tensor, config, penalty, self.progress,
+            validation_images=validation_tensor, checkpoint=checkpointing, started=started,
+        )
         calibration = calibrate(model, validation_tensor, config)
         self.model_ = model
         self.threshold_ = calibration["threshold"]
@@ -137,11 +169,18 @@ class EfficientAD:
             "n_validation_images": len(validation),
             "skipped_images": skipped,
             "n_penalty_images": 0 if penalty is None else len(penalty),
-            "training": {**history, "total_seconds": time.perf_counter() - started},
+            "training": {**history, "total_seconds": history["seconds_before_resume"] + time.perf_counter() - started},
             "calibration": {k: v for k, v in calibration.items() if k != "validation_scores"},
             "validation_scores": calibration["validation_scores"],
         }
         return self
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = "cpu", progress: bool = True) -> EfficientAD:
+        """An untrained detector with the configuration of a training checkpoint:
+        ``.fit(images, checkpoint=path, resume=True)`` continues that run."""
+        stored = read_checkpoint(path)["config"]
+        return cls(make_config(TrainConfig, None, stored), device=device, progress=progress)
 
     def to(self, device: str | torch.device | None) -> EfficientAD:
         """Move the model (trained or loaded) to ``device``, where it then predicts; returns self."""
@@ -194,17 +233,22 @@ class EfficientAD:
         return save_model(self.model, path, {**self.metadata_, "threshold": self.threshold_})
 
     def save_run(self, folder: str | os.PathLike, record: dict[str, Any]) -> Path:
-        """Write ``folder/model.pt`` and its run record ``folder/train.json`` (``record``, the training
-        metadata and the model's ``model_tensor_sha256``); returns the model file's path.
+        """Write ``folder/model.pt``, its learning curve ``folder/training_curve.png`` (when training
+        recorded one) and its run record ``folder/train.json`` (``record``, the training metadata and
+        the model's ``model_tensor_sha256``); returns the model file's path.
 
-        The old train.json is removed before the model file is replaced and the new one written
-        after it, so that however a run is stopped, a train.json on disk describes the model.pt
-        beside it (the checksum proves it).
+        The old train.json and curve are removed before the model file is replaced and the new ones
+        written after it, so that however a run is stopped, a train.json on disk describes the
+        model.pt beside it (the checksum proves it).
         """
         folder = Path(folder)
-        record_path = folder / "train.json"
+        record_path, curve_path = folder / "train.json", folder / "training_curve.png"
         record_path.unlink(missing_ok=True)
+        curve_path.unlink(missing_ok=True)
         model_path = self.save(folder / "model.pt")
+        training = self.metadata_.get("training") or {}
+        if training.get("curve"):
+            plot_training_curve(training, curve_path)
         kept = {key: self.metadata_.get(key) for key in RUN_RECORD_KEYS}
         checksum = tensors_sha256(self.model.state_dict())
         write_run_record(record_path, {**record, **kept, "model_file": str(model_path), "model_tensor_sha256": checksum})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..choices import PRECISIONS
+from .options import add_time_budget_option, time_budget_seconds
 
 DEMO_STEPS = 300
 
@@ -19,7 +20,10 @@ def register(subparsers) -> None:
         "downloaded, else --teacher PATH, else a random teacher (lower accuracy, said so).",
     )
     parser.add_argument("--out", default="efficientad-demo", help="output folder (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="training steps (default: %(default)s)")
+    parser.add_argument(
+        "--steps", type=int, default=DEMO_STEPS, help="training steps; with --time-budget, at most this many (default: %(default)s)"
+    )
+    add_time_budget_option(parser)
     parser.add_argument("--teacher", default=None, metavar="PATH|small|random", help="teacher (default: official if reachable)")
     parser.add_argument(
         "--precision",
@@ -56,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from ..device import cpu_supports_bf16
     from ..evaluation.metrics import image_auroc
     from ..files import atomic_write, check_output_folder, write_run_record
+    from ..training.curves import plot_training_curve
+    from ..training.schedule import STOP_REASONS
     from ..visualize import display_range, heat_map
 
     out = check_output_folder(args.out, subfolders=("overlays",))
@@ -67,12 +73,16 @@ def run(args: argparse.Namespace) -> int:
     precision = args.precision or ("bf16" if args.device == "cpu" and cpu_supports_bf16() else "fp32")
     detector = EfficientAD(
         teacher=teacher, steps=args.steps, precision=precision, channels_last=precision == "bf16",
-        device=args.device, seed=args.seed,
+        device=args.device, seed=args.seed, **time_budget_seconds(args),
     )
+    if args.time_budget is not None:
+        print(f"time budget: {args.time_budget:g} min for loading and training, at most {args.steps:,} steps")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-teacher case was announced above
         detector.fit(split.train, split.validation)
     model_path = detector.save(out / "model.pt")
+    training = detector.metadata_["training"]
+    plot_training_curve(training, out / "training_curve.png")
 
     predictions = detector.predict([sample.path for sample in split.test])
     labels = [sample.label for sample in split.test]
@@ -97,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
             "n_test": len(labels),
             "n_flagged": flagged,
         },
+    )
+    print(
+        f"trained {training['steps_done']:,} steps in {training['total_seconds']:.0f} s "
+        f"({STOP_REASONS[training['stopped_by']]}; learning curve: {out / 'training_curve.png'})"
     )
     print(f"image AUROC on {len(labels)} test images: {auroc:.3f} (1.0 = perfect, 0.5 = chance)")
     print(f"{flagged} of {len(labels)} test images flagged anomalous at threshold {detector.threshold:.4f}")

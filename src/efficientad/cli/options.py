@@ -11,8 +11,9 @@ import sys
 import warnings
 from typing import Any
 
-from ..choices import MODEL_SIZES, PRECISIONS
+from ..choices import INFERENCE_PRECISIONS, MODEL_SIZES, PRECISIONS
 from ..config import TrainConfig, default
+from ..training.schedule import EARLY_STOP_RULE, MEASURED_STEPS, VALIDATION_SHARE, WARMUP_STEPS
 
 
 def image_size(value: list[int]) -> int | tuple[int, int]:
@@ -47,7 +48,24 @@ def add_training_options(parser: argparse.ArgumentParser, steps_help: str | None
         metavar="DIR",
         help="folder of ImageNet-like images for the student's penalty loss (default: none, the penalty is off)",
     )
-    group.add_argument("--steps", type=int, help=steps_help or f"training steps (default: {shown('steps')})")
+    group.add_argument(
+        "--steps", type=int, help=steps_help or f"training steps; with --time-budget, at most this many (default: {shown('steps')})"
+    )
+    add_time_budget_option(group)
+    group.add_argument(
+        "--validate-every",
+        type=int,
+        metavar="N",
+        help="steps between the learning curve's points: losses and map spreads on the held-out good images, "
+        "in train.json and training_curve.png (default: a twentieth of the planned steps, or fewer "
+        f"points where validating would take over {100 * VALIDATION_SHARE:.0f}%% of the training time)",
+    )
+    group.add_argument(
+        "--early-stop",
+        action="store_true",
+        default=None,
+        help="stop when the learning curve has flattened: " + EARLY_STOP_RULE.replace("%", "%%"),
+    )
     group.add_argument("--batch-size", type=int, help=f"images per step (default: {shown('batch_size')})")
     group.add_argument("--learning-rate", type=float, help=f"Adam learning rate (default: {shown('learning_rate')})")
     group.add_argument("--image-size", type=int, nargs="+", metavar="N", help=f"N or H W (default: {shown('image_size')})")
@@ -80,9 +98,27 @@ def add_training_options(parser: argparse.ArgumentParser, steps_help: str | None
     )
 
 
+def add_time_budget_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--time-budget",
+        type=positive(float),
+        metavar="MINUTES",
+        help="train for this wall-clock time from the start of image loading (teacher statistics count too; "
+        f"calibration and saving follow): the step time is measured over the first {WARMUP_STEPS + MEASURED_STEPS} "
+        f"steps, which always run, and the learning-rate drop is placed at {100 * default(TrainConfig, 'lr_drop_fraction'):.0f}%% "
+        "of the steps that fit; "
+        "--steps still caps them (default: none, --steps decide)",
+    )
+
+
+def time_budget_seconds(args: argparse.Namespace) -> dict[str, float]:
+    """``{"time_budget": seconds}`` for a ``--time-budget`` in minutes, or nothing when it was not given."""
+    return {} if args.time_budget is None else {"time_budget": 60.0 * args.time_budget}
+
+
 TRAINING_OPTIONS = (
     "model_size", "teacher", "penalty_images", "steps", "batch_size", "learning_rate",
-    "precision", "channels_last", "skip_bad_images", "seed", "false_positive_rate",
+    "precision", "channels_last", "skip_bad_images", "validate_every", "early_stop", "seed", "false_positive_rate",
 )
 
 
@@ -91,7 +127,7 @@ def training_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = {name: getattr(args, name) for name in TRAINING_OPTIONS if getattr(args, name) is not None}
     if args.image_size is not None:
         settings["image_size"] = image_size(args.image_size)
-    return {**settings, "device": args.device}
+    return {**settings, **time_budget_seconds(args), "device": args.device}
 
 
 def show_warnings() -> None:
@@ -105,6 +141,13 @@ def show_warnings() -> None:
     warnings.showwarning = show
 
 
+PRECISION_HELP = (
+    "auto: on a CPU, bf16 where it has native bf16 (AVX-512 BF16/AMX), else the model's int8 export "
+    "(MODEL.int8.xml beside it, from `efficientad export --precision int8`) if it passed its acceptance "
+    "test, else fp32; on a GPU, the precision the model was calibrated in. Or name one (default: %(default)s)"
+)
+
+
 def add_inference_options(parser: argparse.ArgumentParser) -> None:
     """--model, --backend, --precision, --device and --batch-size of the commands that score images."""
     from ..choices import BACKENDS
@@ -114,11 +157,7 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend", choices=BACKENDS, help="runtime for a model.pt (default: torch; an export runs on its own runtime)"
     )
-    parser.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="default: the precision the model was calibrated in where this machine runs it natively, else fp32",
-    )
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="auto", help=PRECISION_HELP)
     add_device_option(parser)
     parser.add_argument("--batch-size", type=int, default=PREDICT_BATCH_SIZE, help="images per forward pass (default: %(default)s)")
 
@@ -130,7 +169,14 @@ def load_inferencer(args: argparse.Namespace):
 
     if args.batch_size < 1:
         raise EfficientADError(f"--batch-size must be >= 1, got {args.batch_size}")
-    return Inferencer.load(args.model, backend=args.backend, precision=args.precision, device=args.device)
+    inferencer = Inferencer.load(args.model, backend=args.backend, precision=args.precision, device=args.device)
+    say_precision(inferencer)
+    return inferencer
+
+
+def say_precision(inferencer) -> None:
+    """Name the precision an inferencer runs in, and why when it was chosen."""
+    print(f"precision: {inferencer.reason or inferencer.precision}", file=sys.stderr, flush=True)
 
 
 def positive(cast: type[int] | type[float]):

@@ -13,12 +13,14 @@ exactly the batches an uninterrupted one would have.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
-import time
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,7 @@ from ..errors import EfficientADError, first_line
 from ..files import atomic_save, versions, write_run_record
 from ..model import tensors_sha256
 from ..networks import TEACHER_CHANNELS, pdn, pdn_output_side
+from .target_stats import ChannelSums, StatisticsCache, accumulate, default_cache, statistics_key
 
 # A sample's two views of one image: at the backbone's side and at the PDN's.
 Views = tuple[torch.Tensor, torch.Tensor]
@@ -59,9 +62,13 @@ CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 # Seeds mix in one of these so that the split, the statistics pass and training draw independently.
 _SPLIT_STREAM, _TRAIN_STREAM, _STATISTICS_STREAM = 0, 1, 2
-# A channel (almost) silent during the statistics pass would divide its later activations by ~0
-# and dominate the loss; its std is floored at this fraction of the median channel's.
-_MIN_RELATIVE_STD = 1e-2
+# Under a time budget the target-statistics pass stops at this share of it, so that training gets
+# the rest; it still measures at least MIN_STATISTICS_SAMPLES (all, if fewer are asked for), as
+# fewer would leave the standardisation noisy.
+STATISTICS_BUDGET_SHARE = 0.25
+MIN_STATISTICS_SAMPLES = 64
+# A run estimated to take longer than this without a time budget is told how to bound it.
+_LONG_RUN_SECONDS = 3600
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,6 +322,7 @@ class PretrainResult:
     seconds: float  # wall-clock seconds of this run
     stopped_by: str  # "steps" or "time_budget"
     losses: dict[str, list[list[float]]] = field(default_factory=dict)  # "train"/"validation": [step, loss]
+    target_statistics: dict[str, Any] = field(default_factory=dict)  # as in pretrain.json: source, samples, files
 
 
 # Settings a resumed run must share with its checkpoint: they fix the data stream and the model.
@@ -335,28 +343,164 @@ def _split(paths: list[Path], validation_images: int, seed: int) -> tuple[list[P
     return [paths[i] for i in training], [paths[i] for i in validation]
 
 
-@torch.no_grad()
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure_step(
+    target: DistillationTarget,
+    teacher: nn.Module,
+    batch_size: int,
+    sides: tuple[int, int],
+    autocast: Callable[[], Any],
+    device: torch.device,
+) -> tuple[float, float]:
+    """Seconds of the target on one batch and of a whole training step, timed on a copy of the teacher.
+
+    Random pixels cost what photos cost and leave the data streams and the teacher untouched. A
+    first step of one image pays for what a first call costs (CUDA's start, kernel selection), so
+    that the timed one is typical at little more than a step's cost.
+    """
+    probe = copy.deepcopy(teacher)
+    optimizer = torch.optim.Adam(probe.parameters())
+    # A generator of its own leaves torch's global random state as the run seeded it.
+    generator = torch.Generator().manual_seed(0)
+    backbone_view, pdn_view = (torch.rand(batch_size, 3, side, side, generator=generator).to(device) for side in sides)
+    for images in (1, batch_size):
+        began = monotonic()
+        with autocast():
+            expected = target(backbone_view[:images]).float()
+        _synchronize(device)
+        targeted = monotonic()
+        with autocast():
+            loss = F.mse_loss(probe(pdn_view[:images]).float(), expected)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _synchronize(device)
+        stepped = monotonic()
+    return targeted - began, stepped - began
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _estimate_line(
+    statistics: str,
+    statistics_seconds: float,
+    minimum_seconds: float,
+    steps: int,
+    step_seconds: float,
+    time_budget: float | None,
+    elapsed: float,
+) -> str:
+    """What the run is about to cost, from times measured on this machine, and what a budget leaves of it.
+
+    ``statistics`` says what the statistics pass will do ("about 58 min for 10000 samples", or where
+    they come from); ``statistics_seconds`` and ``minimum_seconds`` the estimated seconds of the
+    whole pass and of its minimum of samples; ``elapsed`` the seconds already spent.
+    """
+    training_seconds = steps * step_seconds
+    line = f"{statistics}; training: about {_duration(training_seconds)} for {steps} steps at {step_seconds:.3g} s/step"
+    if time_budget is None:
+        if statistics_seconds + training_seconds > _LONG_RUN_SECONDS:
+            line += (
+                f"; over an hour: --time-budget SECONDS bounds the run (the statistics pass gets at most "
+                f"{STATISTICS_BUDGET_SHARE:.0%} of it)"
+            )
+        return line
+    left = time_budget - elapsed
+    if statistics_seconds + training_seconds > left:
+        share = max(minimum_seconds, STATISTICS_BUDGET_SHARE * time_budget - elapsed)
+        statistics_share = min(statistics_seconds, share)
+        steps_within = max(0, int((left - statistics_share) / step_seconds))
+        within = f"about {_duration(statistics_share)} of statistics and " if statistics_seconds else ""
+        line += f"; the time budget ({_duration(time_budget)}) ends it sooner: {within}{min(steps, steps_within)} steps"
+    return line
+
+
 def _target_statistics(
-    target: DistillationTarget, batches: Iterable[Views], count: int, autocast: Callable[[], Any], progress: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of the target, shaped (1, C, 1, 1) for broadcasting."""
-    total = total_squares = None
-    values = 0
-    with tqdm(total=count, desc="Target statistics", unit="img", disable=not progress) as bar:
-        for backbone_view, _ in batches:
-            with autocast():
-                features = target(backbone_view)
-            # float64 sums keep E[x^2] - E[x]^2 accurate over millions of values.
-            features = features.double()
-            sums, squares = features.sum(dim=(0, 2, 3)), features.square().sum(dim=(0, 2, 3))
-            total = sums if total is None else total + sums
-            total_squares = squares if total_squares is None else total_squares + squares
-            values += features.numel() // features.shape[1]
-            bar.update(len(backbone_view))
-    mean = total / values
-    std = (total_squares / values - mean.square()).clamp(min=0).sqrt()
-    std = std.clamp(min=max(_MIN_RELATIVE_STD * float(std.median()), 1e-6))
-    return mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
+    target: DistillationTarget,
+    batches: Iterable[Views],
+    sums: ChannelSums,
+    count: int,
+    cache: StatisticsCache | None,
+    reused_from: Path | None,
+    deadline: float | None,
+    autocast: Callable[[], Any],
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Complete ``sums`` (from the cache, or empty) to ``count`` samples unless ``deadline`` passes first.
+
+    Returns the per-channel mean and std, shaped (1, C, 1, 1), and what the run record says of them.
+    New sums go to the cache, a pass cut short too: a later run continues from it.
+    """
+    began, reused = monotonic(), sums.samples
+    minimum = min(MIN_STATISTICS_SAMPLES, count)
+
+    def stop(samples: int) -> bool:
+        return deadline is not None and samples >= minimum and monotonic() >= deadline
+
+    accumulate(target, batches, sums, count, autocast, stop, progress)
+    computed = sums.samples - reused
+    saved_to = cache.save(sums) if computed and cache is not None else None
+    if sums.samples < count:
+        kept = f"; cached in {saved_to}, a later run continues from them" if saved_to else ""
+        print(
+            f"target statistics: stopped at {sums.samples} of {count} samples, their {STATISTICS_BUDGET_SHARE:.0%} "
+            f"of the time budget spent; training with these{kept}",
+            file=sys.stderr,
+            flush=True,
+        )
+    mean, std = sums.mean_std()
+    record = {
+        "source": "reused" if not computed else "continued" if reused else "computed",
+        "requested": count,
+        "samples": sums.samples,
+        "reused_samples": reused,
+        "computed_samples": computed,
+        "reused_from": str(reused_from) if reused else None,
+        "saved_to": str(saved_to) if saved_to else None,
+        "stopped_by": "time_budget" if sums.samples < count else "samples",
+        "seconds": monotonic() - began,
+        "cache": str(cache.folder) if cache else None,
+    }
+    return mean, std, record
+
+
+def _statistics_cache(
+    stats_cache: str | os.PathLike | bool, config: PretrainConfig, paths: Sequence[Path]
+) -> StatisticsCache | None:
+    if stats_cache is False:
+        return None
+    return StatisticsCache(default_cache() if stats_cache is True else stats_cache, statistics_key(config, paths))
+
+
+def _statistics_plan(
+    sums: ChannelSums | None, count: int, batch_size: int, target_seconds: float, found: Path | None
+) -> tuple[str, float, float]:
+    """What the estimate says of the statistics pass (``sums`` None: they come from the checkpoint).
+
+    With the estimated seconds of the pass and of its minimum of samples.
+    """
+    if sums is None:
+        return "target statistics: from the checkpoint", 0.0, 0.0
+    if sums.samples == count:
+        return f"target statistics: reused ({count} samples, {found})", 0.0, 0.0
+
+    def seconds(samples: int) -> float:
+        return math.ceil(max(0, samples - sums.samples) / batch_size) * target_seconds
+
+    left = count - sums.samples
+    continued = f" (continuing from {sums.samples} cached in {found})" if sums.samples else ""
+    plan = f"target statistics: about {_duration(seconds(count))} for {left} samples{continued}"
+    return plan, seconds(count), seconds(min(MIN_STATISTICS_SAMPLES, count))
 
 
 @torch.no_grad()
@@ -385,6 +529,7 @@ def pretrain_teacher(
     device: str | None = None,
     resume: bool = False,
     progress: bool = True,
+    stats_cache: str | os.PathLike | bool = True,
     **settings: Any,
 ) -> PretrainResult:
     """Distil a teacher PDN from a backbone on the images of a folder and write it to ``out``.
@@ -398,15 +543,27 @@ def pretrain_teacher(
 
     A checkpoint (model, optimizer, step, target statistics, losses) goes to ``OUT.ckpt`` every
     ``checkpoint_every`` steps and at the end (0: never); ``resume=True`` continues from it.
-    ``time_budget`` (seconds of this run, statistics pass included) stops training early and still
-    writes a valid teacher. ``precision='bf16'`` runs the forward passes under bfloat16 autocast.
+    ``precision='bf16'`` runs the forward passes under bfloat16 autocast.
+
+    Before the statistics pass, one target pass and one training step are timed on a batch of random
+    pixels and an estimate of both phases is printed to stderr. ``time_budget`` (seconds of this whole
+    run) ends the statistics pass at :data:`STATISTICS_BUDGET_SHARE` of it (after at least
+    :data:`MIN_STATISTICS_SAMPLES` samples) and training at its end, still writing a valid teacher;
+    a fresh run whose budget is spent before its first training step is refused instead.
+
+    The statistics are cached (see :class:`~efficientad.training.target_stats.StatisticsCache`) in
+    ``stats_cache``: a folder, ``True`` for ``target_stats`` in the user cache folder
+    (``$EFFICIENTAD_CACHE``, else ``~/.cache/efficientad``), ``False`` for no cache. A run with the
+    same backbone, weights, training images, image size, grayscale probability, seed and precision
+    reuses them, or continues a shorter pass, even one a budget cut short.
 
     ``out`` is written atomically: a dict loadable with ``torch.load(weights_only=True)`` holding
     ``format``, ``format_version``, ``model_size``, ``state_dict`` (the PDN's, with
     ``nn.Sequential`` index keys), ``backbone``, ``steps``, ``validation_loss`` and ``versions``.
-    ``pretrain.json`` beside it records the settings, versions, seconds and losses.
+    ``pretrain.json`` beside it records the settings, versions, seconds, losses, the estimate and
+    where the target statistics came from (``target_statistics``: computed, reused or continued).
     """
-    started = time.monotonic()
+    started = monotonic()
     out = Path(out)
     config = make_config(PretrainConfig, config, settings)
     backbone, backbone_weights, model_size = config.backbone, config.backbone_weights, config.model_size
@@ -460,10 +617,41 @@ def pretrain_teacher(
         mean, std = checkpoint["channel_mean"].to(torch_device), checkpoint["channel_std"].to(torch_device)
         start_step, losses = checkpoint["step"], checkpoint["losses"]
         previous_seconds = checkpoint["seconds"]
+        statistics = {**checkpoint.get("target_statistics", {}), "source": "checkpoint"}
+        sums = cache = found = None
     else:
-        statistics = stream(range(config.normalization_images), _STATISTICS_STREAM)
-        mean, std = _target_statistics(target, statistics, config.normalization_images, autocast, progress)
         start_step, losses, previous_seconds = 0, {"train": [], "validation": []}, 0.0
+        cache = _statistics_cache(stats_cache, config, training_paths)
+        sums, found = cache.load(config.normalization_images) if cache else (ChannelSums(), None)
+
+    target_seconds, step_seconds = _measure_step(target, teacher, batch_size, sides, autocast, torch_device)
+    plan, statistics_seconds, minimum_seconds = _statistics_plan(
+        sums, config.normalization_images, batch_size, target_seconds, found
+    )
+    elapsed = monotonic() - started
+    estimate = _estimate_line(
+        plan, statistics_seconds, minimum_seconds, steps - start_step, step_seconds, time_budget, elapsed
+    )
+    print(estimate, file=sys.stderr, flush=True)
+    if sums is not None:
+        deadline = None if time_budget is None else started + STATISTICS_BUDGET_SHARE * time_budget
+        batches = stream(range(sums.samples, config.normalization_images), _STATISTICS_STREAM)
+        mean, std, statistics = _target_statistics(
+            target, batches, sums, config.normalization_images, cache, found, deadline, autocast, progress
+        )
+        mean, std = mean.to(torch_device), std.to(torch_device)
+        elapsed = monotonic() - started
+        if time_budget is not None and elapsed >= time_budget:
+            # The minimum of samples (or setting up) outlasted the budget: a teacher of no steps would
+            # look like a result but be the random initialisation.
+            saved_to = statistics["saved_to"]
+            kept = f"; its samples are cached in {saved_to} for the next run" if saved_to else ""
+            enough = max(elapsed / STATISTICS_BUDGET_SHARE, elapsed + 100 * step_seconds)
+            raise EfficientADError(
+                f"time budget of {time_budget:g} s spent before the first training step ({elapsed:.0f} s, "
+                f"{statistics['seconds']:.0f} s of them measuring {statistics['samples']} target-statistics "
+                f"samples{kept}); give a larger --time-budget, e.g. {math.ceil(enough)}"
+            )
 
     def save_checkpoint(step: int) -> None:
         atomic_save(
@@ -474,8 +662,9 @@ def pretrain_teacher(
                 "optimizer": optimizer.state_dict(),
                 "channel_mean": mean.cpu(),
                 "channel_std": std.cpu(),
+                "target_statistics": statistics,
                 "losses": losses,
-                "seconds": previous_seconds + time.monotonic() - started,
+                "seconds": previous_seconds + monotonic() - started,
                 "config": record,
             },
             checkpoint_file,
@@ -491,7 +680,7 @@ def pretrain_teacher(
     interval_loss, interval_steps = 0.0, 0
     with tqdm(total=steps, initial=start_step, desc="Pretraining", unit="step", disable=not progress) as bar:
         for backbone_view, pdn_view in stream(range(start_step * batch_size, steps * batch_size), _TRAIN_STREAM):
-            if time_budget is not None and time.monotonic() - started >= time_budget:
+            if time_budget is not None and monotonic() - started >= time_budget:
                 stopped_by = "time_budget"
                 break
             with autocast():
@@ -537,7 +726,7 @@ def pretrain_teacher(
         },
         out,
     )
-    seconds = time.monotonic() - started
+    seconds = monotonic() - started
     report = {
         "config": record,
         "steps": step,
@@ -549,8 +738,16 @@ def pretrain_teacher(
         "validation_images": len(validation_paths),
         "validation_loss": validation_loss,
         "losses": losses,
+        "target_statistics": statistics,
+        "estimate": {
+            "line": estimate,
+            "target_seconds_per_batch": target_seconds,
+            "step_seconds": step_seconds,
+            "statistics_seconds": statistics_seconds,
+            "training_seconds": (steps - start_step) * step_seconds,
+        },
         "teacher_file": str(out),
         "teacher_tensor_sha256": tensors_sha256(state_dict),
     }
     write_run_record(record_path, report)
-    return PretrainResult(out, step, start_step, validation_loss, seconds, stopped_by, losses)
+    return PretrainResult(out, step, start_step, validation_loss, seconds, stopped_by, losses, statistics)

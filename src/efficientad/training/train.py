@@ -17,11 +17,12 @@ channels that each loss reads.
 
 from __future__ import annotations
 
-import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,32 +35,14 @@ from ..device import autocast
 from ..errors import EfficientADError
 from ..model import EfficientADModel
 from ..networks import TEACHER_CHANNELS
+from .checkpoint import Checkpointing, restore_rng, rng_state
+from .curves import ValidationSet
+from .losses import hard_feature_loss
 from .penalty import PenaltySource
+from .schedule import EARLY_STOP_RULE, MEASURED_STEPS, WARMUP_STEPS, Plan, budget_plan, estimate, flattened, learning_rate
 
 # Above this, per-image teacher features are recomputed each step instead of kept in memory.
 TEACHER_CACHE_LIMIT_BYTES = 4 << 30
-
-
-def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """``torch.quantile(values, q)`` (linear interpolation) for tensors of any size.
-
-    ``torch.quantile`` refuses inputs above 2**24 elements; a top-k over the upper tail finds the
-    same two order statistics without sorting everything.
-    """
-    flat = values.reshape(-1)
-    position = q * (flat.numel() - 1)
-    below = int(math.floor(position))
-    # Descending, so the last two entries are the order statistics at ``below`` and ``below + 1``.
-    tail = torch.topk(flat, k=flat.numel() - below, largest=True, sorted=True).values
-    low = tail[-1]
-    high = tail[-2] if len(tail) > 1 else low
-    return low + (high - low) * (position - below)
-
-
-def hard_feature_loss(distance: torch.Tensor, q: float = 0.999) -> torch.Tensor:
-    """Mean of the squared errors at or above their ``q`` quantile (the paper's L_hard)."""
-    threshold = quantile(distance.detach(), q)
-    return distance[distance >= threshold].mean()
 
 
 def augment_for_autoencoder(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -135,14 +118,49 @@ class StepNetworks(NamedTuple):
         return cls(model.student[:-1], model.student[-1], model.autoencoder)
 
 
-def make_optimizer(model: EfficientADModel, config: TrainConfig):
-    """Adam over student and autoencoder; the learning rate drops tenfold after 95% of the steps."""
+def make_optimizer(model: EfficientADModel, config: TrainConfig) -> torch.optim.Adam:
+    """Adam over student and autoencoder; each step's learning rate comes from :func:`~.schedule.learning_rate`."""
     parameters = list(model.student.parameters()) + list(model.autoencoder.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(
-        optimizer, step_size=max(1, int(config.lr_drop_fraction * config.steps)), gamma=0.1
-    )
-    return optimizer, scheduler
+    return torch.optim.Adam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+@dataclass
+class RunState:
+    """What a training run has done so far: all of it goes into a checkpoint."""
+
+    plan: Plan
+    step: int = 0  # steps done
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    # Training losses summed since the last curve point, and the last step's, on the device (no sync per step).
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    summed_steps: int = 0
+    last: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds_before: float = 0.0  # spent by the sessions before a resume
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        self.last = {name: value.detach() for name, value in losses.items()}
+        self.sums = {name: self.sums.get(name, 0.0) + value for name, value in self.last.items()}
+        self.summed_steps += 1
+        self.step += 1
+
+    def saved(self) -> dict[str, Any]:
+        def floats(values: dict[str, torch.Tensor]) -> dict[str, float]:
+            return {name: float(value) for name, value in values.items()}
+
+        return {
+            "plan": asdict(self.plan), "step": self.step, "curve": self.curve, "sums": floats(self.sums),
+            "summed_steps": self.summed_steps, "last": floats(self.last),
+        }
+
+    @classmethod
+    def restored(cls, saved: dict[str, Any], device: torch.device) -> RunState:
+        def tensors(values: dict[str, float]) -> dict[str, torch.Tensor]:
+            return {name: torch.tensor(value, device=device) for name, value in values.items()}
+
+        return cls(
+            Plan(**saved["plan"]), saved["step"], saved["curve"], tensors(saved["sums"]), saved["summed_steps"],
+            tensors(saved["last"]), saved["seconds"],
+        )
 
 
 def train_networks(
@@ -152,28 +170,56 @@ def train_networks(
     penalty_images: PenaltySource | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    *,
+    validation_images: torch.Tensor | None = None,
+    checkpoint: Checkpointing | None = None,
+    started: float | None = None,
 ) -> dict:
-    """Train student and autoencoder on uint8 images (N, 3, H, W); returns losses and timings.
+    """Train student and autoencoder on uint8 images (N, 3, H, W); returns the run's history.
 
     ``penalty_images`` give uint8 (3, H, W) images already resized to 2x and centre-cropped
     (:class:`~efficientad.training.penalty.PenaltyImages`, or a uint8 tensor); ``None`` turns the
     penalty off. ``on_step(step, losses)`` is called every step with float losses
     (it forces a device sync, so leave it unset for speed).
+
+    ``validation_images`` (held-out normal uint8 images) give the learning curve, every
+    ``validate_every`` steps, after the timed first steps and at the end, which ``early_stop``
+    reads. ``config.time_budget`` counts from ``started`` (a ``time.perf_counter()`` value;
+    default: now), so that the caller's work before training counts too; the schedule is laid out
+    on it after the first steps (:mod:`~efficientad.training.schedule`). ``checkpoint`` saves the
+    run every ``checkpoint.every`` seconds, and continues the one in ``checkpoint.resume``.
     """
+    started = time.perf_counter() if started is None else started
     device = model.teacher_mean.device
     if images.shape[-2:] != model.image_size:
         raise EfficientADError(f"training images are {tuple(images.shape[-2:])}, the model expects {model.image_size}")
+    if config.early_stop and validation_images is None:
+        raise EfficientADError("early_stop needs held-out validation images: its rule reads their losses")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     images = images.to(device)
 
     cache = config.cache_teacher
     if cache is None:
-        cache = teacher_cache_bytes(model, len(images)) <= TEACHER_CACHE_LIMIT_BYTES
+        held_out = 0 if validation_images is None else len(validation_images)
+        cache = teacher_cache_bytes(model, len(images) + held_out) <= TEACHER_CACHE_LIMIT_BYTES
     cached_features = fit_teacher_normalization(model, images, config.precision, keep_features=cache, progress=progress)
+    validation = None if validation_images is None else ValidationSet(model, validation_images, config, cache)
 
-    optimizer, scheduler = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    order = torch.randperm(len(images), generator=generator)
+    cursor = 0
+    run = RunState(Plan.of(config, config.steps))
+    resume = None if checkpoint is None else checkpoint.resume
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        restore_rng(resume["rng"], generator, device)
+        order, cursor = resume["order"], resume["cursor"]
+        run = RunState.restored(resume, device)
+    start_step = run.step
     model.train()
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -181,13 +227,27 @@ def train_networks(
     if config.compile:
         networks = StepNetworks(torch.compile(networks.trunk), networks.head, torch.compile(networks.autoencoder))
 
-    order = torch.randperm(len(images), generator=generator)
-    cursor = 0
+    def elapsed() -> float:
+        return run.seconds_before + time.perf_counter() - started
+
+    def validate() -> float:
+        """Add a curve point; returns the seconds it took."""
+        tic = time.perf_counter()
+        train_means = {name: float(total) / run.summed_steps for name, total in run.sums.items()}
+        run.curve.append({"step": run.step, "seconds": elapsed(), "train": train_means, "validation": validation.losses(model)})
+        run.sums, run.summed_steps = {}, 0
+        return time.perf_counter() - tic
+
+    stopped_by = None
+    timed = WARMUP_STEPS + MEASURED_STEPS  # the first steps of a session, timed one by one
     step_seconds = []
-    last = {}
-    bar = tqdm(range(config.steps), desc="Training", unit="step", disable=not progress, dynamic_ncols=True)
-    started = time.perf_counter()
-    for step in bar:
+    last_checkpoint = loop_started = time.perf_counter()
+    bar = tqdm(total=run.plan.steps, initial=run.step, desc="Training", unit="step", disable=not progress, dynamic_ncols=True)
+    while run.step < run.plan.steps:
+        # The timed first steps run whatever the budget: the plan needs them.
+        if config.time_budget is not None and run.plan.step_seconds is not None and elapsed() >= config.time_budget:
+            stopped_by = "time_budget"
+            break
         tic = time.perf_counter()
         # Cycle through shuffled epochs like the reference's infinite data loader.
         if cursor + config.batch_size > len(order):
@@ -196,29 +256,79 @@ def train_networks(
         index = order[cursor : cursor + config.batch_size]
         cursor += config.batch_size
         losses = training_step(model, images, index, cached_features, penalty_images, generator, config, networks)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, run.plan, run.step)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["total"]).backward()
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
-        step_seconds.append(time.perf_counter() - tic)
-        if on_step is not None or step % 25 == 0 or step == config.steps - 1:
-            last = {name: float(value.detach()) for name, value in losses.items()}
-            bar.set_postfix(loss=f"{last['total']:.4f}", refresh=False)
+        run.add(losses)
+        # Steps are timed apart from validations and checkpoints; the timed ones after the device finished them.
+        step_seconds.append((_synchronized(device) if len(step_seconds) < timed else time.perf_counter()) - tic)
+        bar.update(1)
+        if on_step is not None or run.step % 25 == 0:
+            step_losses = {name: float(value) for name, value in run.last.items()}
+            bar.set_postfix(loss=f"{step_losses['total']:.4f}", refresh=False)
             if on_step is not None:
-                on_step(step, last)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+                on_step(run.step - 1, step_losses)
+        if run.plan.step_seconds is None and len(step_seconds) == timed:
+            step_time = statistics.mean(step_seconds[WARMUP_STEPS:])
+            validation_seconds = 0.0 if validation is None else validate()
+            if config.time_budget is None:
+                run.plan = Plan.of(config, config.steps, step_time, validation_seconds)
+            else:
+                run.plan = budget_plan(config, run.step, config.time_budget - elapsed(), step_time, validation_seconds)
+                bar.total = run.plan.steps
+            if progress and run.plan.steps > run.step:
+                tqdm.write(estimate(config, run.plan, run.step, validation_seconds), file=sys.stderr)
+        elif validation is not None and run.step % run.plan.validate_every == 0:
+            validate()
+            point = run.curve[-1]
+            bar.set_postfix(loss=f"{point['train']['total']:.4f}", validation=f"{point['validation']['total']:.4f}", refresh=False)
+            if config.early_stop and flattened([point["validation"]["total"] for point in run.curve], run.step, run.plan):
+                stopped_by = "early_stop"
+                break
+        if checkpoint is not None and checkpoint.every and time.perf_counter() - last_checkpoint >= checkpoint.every:
+            checkpoint.write(
+                {
+                    **run.saved(), "seconds": elapsed(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": rng_state(generator, device), "order": order, "cursor": cursor,
+                }
+            )
+            last_checkpoint = time.perf_counter()
+    seconds = _synchronized(device) - loop_started
+    bar.close()
+    if validation is not None and run.summed_steps:
+        validate()
     model.to(memory_format=torch.contiguous_format).eval()
+    if stopped_by is None:
+        stopped_by = "steps" if run.plan.steps == config.steps else "time_budget"
     return {
-        "final_losses": last,
+        "final_losses": {name: float(value) for name, value in run.last.items()},
         "train_seconds": seconds,
-        "seconds_per_step": seconds / config.steps,
-        "median_step_seconds": statistics.median(step_seconds),
+        "seconds_per_step": seconds / max(1, len(step_seconds)),
+        "median_step_seconds": statistics.median(step_seconds) if step_seconds else None,
         "teacher_cached": bool(cache),
         "penalty": penalty_images is not None,
+        "steps_done": run.step,
+        "planned_steps": run.plan.steps,
+        "stopped_by": stopped_by,
+        "time_budget": config.time_budget,
+        "measured_step_seconds": run.plan.step_seconds,
+        "lr_drop_step": run.plan.drop_step,
+        "validate_every": run.plan.validate_every,
+        "early_stop_rule": EARLY_STOP_RULE if config.early_stop else None,
+        "resumed_from_step": start_step if resume is not None else None,
+        "seconds_before_resume": run.seconds_before,
+        "curve": run.curve,
     }
+
+
+def _synchronized(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def training_step(
