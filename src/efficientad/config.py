@@ -229,3 +229,25 @@ INT8_MAX_SCORE_ERROR = 0.01
 BENCH_RUNS = 50
 BENCH_WARMUP = 10
 BENCH_BATCH_SIZE = 8
+
+# How long training runs (training/schedule.py): timed first steps, learning-curve points, early stop.
+# The first step pays for allocations (and compilation); the ones after it are timed.
+WARMUP_STEPS = 1
+MEASURED_STEPS = 10
+# When validate_every is None: this many learning-curve points per run, fewer where validating would
+# take more than this share of the training time (many held-out images, a short run).
+VALIDATIONS_PER_RUN = 20
+VALIDATION_SHARE = 0.05
+# Runs estimated to take longer than this, without a budget, get the advice to set one.
+LONG_RUN_SECONDS = 3600.0
+EARLY_STOP_PATIENCE = 3
+EARLY_STOP_MIN_IMPROVEMENT = 0.01
+EARLY_STOP_AFTER = 0.2
+# Why a run ended (its history's "stopped_by"), in words.
+STOP_REASONS = {"steps": "all steps done", "time_budget": "time budget reached", "early_stop": "early stop, validation loss flat"}
+# Stopping is stopping: the learning-rate drop is not run first, calibration follows at once.
+EARLY_STOP_RULE = (
+    f"once {EARLY_STOP_AFTER:.0%} of the planned steps are done, training ends at the first validation after "
+    f"which none of the last {EARLY_STOP_PATIENCE} lowered the best total validation loss before them by more "
+    f"than {EARLY_STOP_MIN_IMPROVEMENT:.0%} (the learning rate is not dropped first; calibration follows)"
+)

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.metrics import image_auroc
     from ..files import atomic_write, check_output_folder, write_run_record
     from ..training.curves import plot_training_curve
-    from ..training.schedule import STOP_REASONS
+    from ..config import STOP_REASONS
     from ..visualize import display_range, heat_map
 
     out = check_output_folder(args.out, subfolders=("overlays",))

@@ -12,8 +12,7 @@ import warnings
 from typing import Any
 
 from ..choices import INFERENCE_PRECISIONS, MODEL_SIZES, PRECISIONS
-from ..config import TrainConfig, default
-from ..training.schedule import EARLY_STOP_RULE, MEASURED_STEPS, VALIDATION_SHARE, WARMUP_STEPS
+from ..config import EARLY_STOP_RULE, MEASURED_STEPS, VALIDATION_SHARE, WARMUP_STEPS, TrainConfig, default
 
 
 def image_size(value: list[int]) -> int | tuple[int, int]:
@@ -113,6 +112,7 @@ def add_time_budget_option(parser: argparse.ArgumentParser | argparse._ArgumentG
 
 def time_budget_seconds(args: argparse.Namespace) -> dict[str, float]:
     """``{"time_budget": seconds}`` for a ``--time-budget`` in minutes, or nothing when it was not given."""
+
     return {} if args.time_budget is None else {"time_budget": 60.0 * args.time_budget}
 
 

@@ -103,7 +103,7 @@ def _resumed_run(args: argparse.Namespace, settings: dict, given: dict):
 def _train(detector, data: dict[str, str], out: Path, resume: bool) -> None:
     from ..data.datasets import load_split
     from ..training.checkpoint import CHECKPOINT_NAME
-    from ..training.schedule import STOP_REASONS
+    from ..config import STOP_REASONS
 
     checkpoint = out / CHECKPOINT_NAME
     split = load_split(data["format"], data["root"], data["category"])

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import PREDICT_BATCH_SIZE, TrainConfig
+from ..config import PREDICT_BATCH_SIZE, STOP_REASONS, TrainConfig
 from ..data.images import to_float
 from ..device import autocast
 from ..files import atomic_write
 from ..model import EfficientADModel, quantile
 from ..networks import TEACHER_CHANNELS
 from .losses import hard_feature_loss
-from .schedule import STOP_REASONS
 
 VALIDATION_LOSSES = ("hard", "ae", "stae")
 

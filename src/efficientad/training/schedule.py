@@ -13,29 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import TrainConfig
-
-# The first step pays for allocations (and compilation); the ones after it are timed.
-WARMUP_STEPS = 1
-MEASURED_STEPS = 10
-# When validate_every is None: this many learning-curve points per run, fewer where validating would
-# take more than this share of the training time (many held-out images, a short run).
-VALIDATIONS_PER_RUN = 20
-VALIDATION_SHARE = 0.05
-# Runs estimated to take longer than this, without a budget, get the advice to set one.
-LONG_RUN_SECONDS = 3600.0
-EARLY_STOP_PATIENCE = 3
-EARLY_STOP_MIN_IMPROVEMENT = 0.01
-EARLY_STOP_AFTER = 0.2
-# Why a run ended (its history's "stopped_by"), in words.
-STOP_REASONS = {"steps": "all steps done", "time_budget": "time budget reached", "early_stop": "early stop, validation loss flat"}
-# Stopping is stopping: the learning-rate drop is not run first, calibration follows at once.
-EARLY_STOP_RULE = (
-    f"once {EARLY_STOP_AFTER:.0%} of the planned steps are done, training ends at the first validation after "
-    f"which none of the last {EARLY_STOP_PATIENCE} lowered the best total validation loss before them by more "
-    f"than {EARLY_STOP_MIN_IMPROVEMENT:.0%} (the learning rate is not dropped first; calibration follows)"
-)
-
+from ..config import EARLY_STOP_AFTER, EARLY_STOP_MIN_IMPROVEMENT, EARLY_STOP_PATIENCE, LONG_RUN_SECONDS, VALIDATION_SHARE, VALIDATIONS_PER_RUN, TrainConfig
 
 @dataclass
 class Plan:
@@ -73,7 +51,7 @@ def learning_rate(config: TrainConfig, plan: Plan, step: int) -> float:
 
 
 def flattened(totals: list[float], step: int, plan: Plan) -> bool:
-    """Whether the total validation losses so far (oldest first) meet :data:`EARLY_STOP_RULE` at ``step``."""
+    """Whether the total validation losses so far (oldest first) meet :data:`~efficientad.config.EARLY_STOP_RULE` at ``step``."""
     if step < EARLY_STOP_AFTER * plan.steps or len(totals) <= EARLY_STOP_PATIENCE:
         return False
     best_before = min(totals[:-EARLY_STOP_PATIENCE])

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from tqdm import tqdm
 
-from ..config import TrainConfig
+from ..config import EARLY_STOP_RULE, MEASURED_STEPS, WARMUP_STEPS, TrainConfig
 from ..data.images import to_float
 from ..device import autocast
 from ..errors import EfficientADError
@@ -39,7 +39,7 @@ from .checkpoint import Checkpointing, restore_rng, rng_state
 from .curves import ValidationSet
 from .losses import hard_feature_loss
 from .penalty import PenaltySource
-from .schedule import EARLY_STOP_RULE, MEASURED_STEPS, WARMUP_STEPS, Plan, budget_plan, estimate, flattened, learning_rate
+from .schedule import Plan, budget_plan, estimate, flattened, learning_rate
 
 # Above this, per-image teacher features are recomputed each step instead of kept in memory.
 TEACHER_CACHE_LIMIT_BYTES = 4 << 30
