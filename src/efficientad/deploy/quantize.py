@@ -176,7 +176,6 @@ def quantize_int8(
     is at most ``max_score_error`` (0.1 is a normal image's rare extreme). ``expected_validation_scores``
     (the model file's) prove that ``validation`` are the images the model was calibrated on.
     """
-    nncf = require_nncf()
     if expected_validation_scores is not None and len(validation) != len(expected_validation_scores):
         raise EfficientADError(
             f"got {len(validation)} held-out images, but the model was calibrated on {len(expected_validation_scores)}: "
@@ -184,6 +183,7 @@ def quantize_int8(
         )
     if len(calibration) < 1 or len(validation) < 2:
         raise EfficientADError(f"int8 needs calibration images and at least 2 validation images, got {len(calibration)} and {len(validation)}")
+    nncf = require_nncf()
     started = time.perf_counter()
     module = FusedModel(model)
     float_graph = openvino_model(module)
