@@ -82,6 +82,7 @@ def test_int8_threshold_is_measured_on_the_int8_model(int8_run):
 def test_auto_chooses_bf16_then_an_accepted_int8_export_then_fp32(int8_run, monkeypatch, tmp_path):
     model_path, _, _ = int8_run
     monkeypatch.setattr("efficientad.deploy.inferencer.cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr("efficientad.deploy.formats.cpu_supports_bf16", lambda: False)
     chosen = Inferencer.load(model_path, precision="auto")
     assert chosen.precision == "int8" and "passed its acceptance test" in chosen.reason
     # The library's default stays the calibration precision, which keeps scores exactly as calibrated.
@@ -104,6 +105,7 @@ def test_auto_chooses_bf16_then_an_accepted_int8_export_then_fp32(int8_run, monk
         Inferencer.load(other, precision="int8")
 
     monkeypatch.setattr("efficientad.deploy.inferencer.cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr("efficientad.deploy.formats.cpu_supports_bf16", lambda: True)
     monkeypatch.setattr("efficientad.device.cpu_supports_bf16", lambda: True)
     native = Inferencer.load(model_path, precision="auto")
     assert native.precision == "bf16" and "native bf16" in native.reason

@@ -122,6 +122,11 @@ def save_openvino(graph, path: Path, metadata: dict[str, Any]) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ openers
+def auto_cpu_precision(offered: Sequence[str]) -> str:
+    """``auto``'s float choice on a CPU: bf16 where it is offered and native here (never emulated), else fp32."""
+    return "bf16" if "bf16" in offered and cpu_supports_bf16() else "fp32"
+
+
 def _float_precision(precision: str | None, path: Path, offered: tuple[str, ...]) -> str:
     """The precision a float export runs in: ``auto`` is bf16 where offered and native here, ``None`` fp32."""
     if precision is None:
@@ -129,7 +134,7 @@ def _float_precision(precision: str | None, path: Path, offered: tuple[str, ...]
     if precision == "int8":
         raise EfficientADError(f"{path} is a float export; make an int8 one with `efficientad export --precision int8`")
     if precision == "auto":
-        return "bf16" if "bf16" in offered and cpu_supports_bf16() else "fp32"
+        return auto_cpu_precision(offered)
     if precision not in offered:
         raise EfficientADError(f"{path} runs in {' or '.join(offered)}, not {precision}")
     return precision

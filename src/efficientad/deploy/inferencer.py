@@ -28,7 +28,7 @@ from ..data.images import ImageInput, read_image, resize_to_tensor
 from ..device import cpu_supports_bf16, resolve_device, usable_precision
 from ..errors import EfficientADError
 from ..model import EfficientADModel, load_model, resize_maps
-from .formats import Session, detect_format, inference_metadata, open_export, read_openvino_metadata
+from .formats import Session, auto_cpu_precision, detect_format, inference_metadata, open_export, read_openvino_metadata
 from .graphs import require_openvino
 from .fused import FusedModel
 from .runtimes import InferenceOutput, check_batch, make_session
@@ -183,7 +183,7 @@ class Inferencer:
         reason = ""
         if precision == "auto":
             if on_cpu:
-                precision = "bf16" if cpu_supports_bf16() and "bf16" in BACKEND_PRECISIONS[backend or "torch"] else "fp32"
+                precision = auto_cpu_precision(BACKEND_PRECISIONS[backend or "torch"])
                 reason = f"auto: {_why(precision)}"
                 if precision == "fp32" and backend in (None, "openvino"):
                     reason += f"; {int8_export_of(path, model_metadata)[1]}"

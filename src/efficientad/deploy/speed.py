@@ -40,8 +40,7 @@ from ..files import versions
 from ..model import EfficientADModel, load_model
 from .fused import FusedModel
 from ..choices import BACKEND_PRECISIONS
-from ..device import cpu_supports_bf16
-from .formats import detect_format
+from .formats import auto_cpu_precision, detect_format
 from .inferencer import FORMAT_BACKENDS, Inferencer
 from .runtimes import InferenceOutput, OpenVinoSession, TorchSession, make_session
 
@@ -213,15 +212,16 @@ def bench(
     """
     choice = ""
     threads = threads or default_threads()
-    if model_path is not None and (precision == "auto" or detect_format(model_path) != "native"):
+    file_format = None if model_path is None else detect_format(model_path)
+    if model_path is not None and (precision == "auto" or file_format != "native"):
         # What a deployment runs: the file's own runtime, or auto's choice (which may be an int8 export).
-        inferencer = Inferencer.load(model_path, backend=backend if detect_format(model_path) == "native" else None, precision=precision, device=device, threads=threads)
+        inferencer = Inferencer.load(model_path, backend=backend if file_format == "native" else None, precision=precision, device=device, threads=threads)
         session, precision, choice = inferencer.session, inferencer.precision, inferencer.reason
         backend = backend if inferencer.format == "native" else FORMAT_BACKENDS[inferencer.format]
         image_shape, input_dtype = (3, *inferencer.image_size), inferencer.input_dtype
         model_size = inferencer.metadata["model_size"]
-        # The float32 reference of accuracy: the model file itself, where there is one.
-        module = FusedModel(load_model(model_path)[0]) if detect_format(model_path) == "native" else None
+        # The float32 reference of accuracy, read again only when accuracy is asked for: the model file itself.
+        module = FusedModel(load_model(model_path)[0]) if test_set is not None and reference is None and file_format == "native" else None
     else:
         if model_path is not None:
             model, _ = load_model(model_path)
@@ -230,7 +230,7 @@ def bench(
             model = random_model(model_size, tuple(image_size))
         module = FusedModel(model)
         if precision == "auto":
-            precision = "bf16" if str(device) == "cpu" and cpu_supports_bf16() and "bf16" in BACKEND_PRECISIONS[backend] else "fp32"
+            precision = auto_cpu_precision(BACKEND_PRECISIONS[backend]) if str(device) == "cpu" else "fp32"
             choice = f"auto: {precision} ({'native bf16' if precision == 'bf16' else 'no native bf16'} on this CPU; no int8 model without --model)"
         if precision == "int8" and not calibration:
             rng = np.random.default_rng(0)
