@@ -69,10 +69,11 @@ def _assert_outputs_close(outputs, reference, atol=1e-5):
         np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=atol, rtol=0)
 
 
-def test_fused_module_equals_training_path(calibrated):
+@pytest.mark.parametrize("fuse_local_head", [True, False], ids=["local head fused", "teacher and student heads apart (int8)"])
+def test_fused_module_equals_training_path(calibrated, fuse_local_head):
     model, images, reference = calibrated
     with torch.no_grad():
-        outputs = FusedModel(model)(images)
+        outputs = FusedModel(model, fuse_local_head=fuse_local_head)(images)
     assert outputs[0].shape == (2,) and outputs[1].shape == (2, 1, 64, 64)
     _assert_outputs_close([t.numpy() for t in outputs], reference)
 

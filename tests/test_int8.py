@@ -12,7 +12,17 @@ import torch
 from efficientad.cli import main
 from efficientad.deploy.fused import FusedModel
 from efficientad.deploy.inferencer import Inferencer, int8_path
-from efficientad.deploy.quantize import quantization_images, raw_maps_of, synthetic_defects
+from efficientad.deploy.quantize import (
+    AcceptanceBounds,
+    Measured,
+    Trial,
+    acceptance_check,
+    layer_groups,
+    quantization_images,
+    raw_maps_of,
+    search_float_layers,
+    synthetic_defects,
+)
 from efficientad.deploy.runtimes import TorchSession
 from efficientad.errors import EfficientADError
 from efficientad.model import decision_threshold, load_model
@@ -36,14 +46,15 @@ def int8_run(tmp_path_factory):
     detector = fit_quietly(EfficientAD(teacher="random", steps=2, progress=False), split.train)
     folder = tmp_path_factory.mktemp("int8_model")
     model_path = detector.save(folder / "model.pt")
-    # A random-weight model agrees with nothing: the bound is loose so that it passes and auto can use it.
+    # A random-weight model agrees with nothing: the bounds are loose so that it passes and auto can use it.
     # In a child process: after NNCF's quantisation, a later fork (DataLoader workers in other tests) of
     # the same process crashed; a user's export is a process of its own too.
     command = [sys.executable, "-m", "efficientad", "export", "--model", str(model_path), "--precision", "int8",
-               "--data", str(root), "--category", "part", "--max-score-error", "10"]  # fmt: skip
+               "--data", str(root), "--category", "part", "--max-auroc-drop", "1", "--max-au-pro-drop", "1",
+               "--max-score-error", "10"]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert "acceptance test (<= 10.0) passed" in completed.stdout
+    assert "acceptance test (drops <= 1.0 and 1.0, error <= 10.0) passed" in completed.stdout
     return model_path, root, detector
 
 
@@ -53,10 +64,14 @@ def test_int8_export_writes_the_model_and_its_calibration_record(int8_run):
     assert xml == model_path.with_name("model.int8.xml") and xml.with_suffix(".bin").is_file()
     record = json.loads(xml.with_suffix(".json").read_text())
     assert record["precision"] == "int8" and record["accepted"] is True
-    assert record["n_validation_images"] == record["n_synthetic_defect_images"] == 2
+    assert record["n_validation_images"] == 2 and record["n_synthetic_defect_images"] == 6  # three per held-out image
     assert record["n_calibration_images"] == 18  # every training image: fewer than 64
-    assert 0 <= len(record["kept_in_float"]) <= record["n_convolutions"]
-    assert all(name.startswith(("/teacher_trunk", "/student_trunk", "/autoencoder", "/local_head", "/global_head")) for name in record["kept_in_float"])
+    # Passed at the first trial (all int8), so nothing was kept in float and only the networks' convolutions are int8.
+    assert record["kept_in_float"] == [] and record["float_convolutions"] == [] and len(record["trials"]) == 1
+    assert record["n_convolutions"] == 23  # teacher and student heads apart: 3 + 3 trunk, 3 heads, 14 autoencoder
+    acceptance = record["acceptance"]
+    assert 0.0 <= acceptance["fp32"]["image_auroc"] <= 1.0 and 0.0 <= acceptance["int8"]["au_pro"] <= 1.0
+    assert acceptance["int8"]["image_auroc_drop"] == pytest.approx(acceptance["fp32"]["image_auroc"] - acceptance["int8"]["image_auroc"])
     assert record["model_tensor_sha256"] == load_model(model_path)[1]["tensor_sha256"]
     inferencer = Inferencer.load(xml)
     assert inferencer.precision == "int8" and inferencer.format == "openvino"
@@ -150,14 +165,69 @@ def test_raw_maps_are_recovered_from_a_graphs_outputs(tiny):
     torch.testing.assert_close(raw_maps_of(output, module), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_synthetic_defects_change_one_patch_of_each_image():
+def test_synthetic_defects_change_one_patch_of_each_copy_and_say_where():
     rng = np.random.default_rng(0)
     images = [rng.random((1, 3, 64, 64), dtype=np.float32) for _ in range(4)]
-    defective = synthetic_defects(images)
-    assert [d.shape for d in defective] == [i.shape for i in images]
-    for image, changed in zip(images, defective):
-        rows, columns = np.nonzero(np.any(image[0] != changed[0], axis=0))
-        assert rows.size > 0 and changed.min() >= 0 and changed.max() <= 1
-        # One rectangle, away from the border, of at most a quarter of each side.
+    defects = synthetic_defects(images, per_image=2)
+    assert len(defects.images) == len(defects.masks) == 8
+    for index, (changed, mask) in enumerate(zip(defects.images, defects.masks)):
+        image = images[index // 2]
+        assert changed.shape == image.shape and mask.shape == (64, 64) and changed.min() >= 0 and changed.max() <= 1
+        rows, columns = np.nonzero(mask)
+        # One rectangle, away from the border, of at most a quarter of each side; nothing changed outside it.
         assert rows.min() >= 64 // 8 and rows.max() - rows.min() < 16 and columns.max() - columns.min() < 16
-    np.testing.assert_array_equal(synthetic_defects(images)[0], defective[0])  # seeded: the same every time
+        assert mask.sum() == (rows.max() - rows.min() + 1) * (columns.max() - columns.min() + 1)
+        np.testing.assert_array_equal(changed[0][:, ~mask], image[0][:, ~mask])
+        assert np.any(changed[0][:, mask] != image[0][:, mask])
+    again = synthetic_defects(images, per_image=2)  # seeded: the same every time
+    np.testing.assert_array_equal(again.images[3], defects.images[3])
+    np.testing.assert_array_equal(again.masks[3], defects.masks[3])
+
+
+def _measured(auroc: float, au_pro: float, scores) -> Measured:
+    return Measured(None, None, np.asarray(scores, dtype=np.float64), auroc, au_pro)
+
+
+def test_acceptance_check_bounds_the_drops_and_the_held_out_score_error():
+    reference = _measured(0.95, 0.80, [0.1, 0.2, 1.0])
+    bounds = AcceptanceBounds(max_auroc_drop=0.005, max_au_pro_drop=0.01, max_score_error=0.01)
+    same = acceptance_check(reference, reference, 2, bounds)
+    assert same["passed"] and same["shortfall"] == 0.0 and same["image_auroc_drop"] == 0.0
+    # Better than fp32 passes; only the normal images' scores count for the score error (the third is a defect).
+    better = acceptance_check(reference, _measured(0.99, 0.90, [0.105, 0.2, 0.5]), 2, bounds)
+    assert better["passed"] and better["validation_score_error_mean"] == pytest.approx(0.0025)
+    # An AU-PRO 0.03 lower is 2 bounds too far; an AUROC 0.0075 lower half a bound.
+    worse = acceptance_check(reference, _measured(0.9425, 0.77, [0.1, 0.2, 1.0]), 2, bounds)
+    assert not worse["passed"] and worse["shortfall"] == pytest.approx(0.5 + 2.0)
+
+
+def test_float_layer_search_keeps_the_groups_that_recover_most_until_it_passes():
+    # Each group in float takes its share off a shortfall of 0.75 (binary fractions: exact sums).
+    recovers = {"teacher_head": 0.5, "student_trunk.3": 0.125, "autoencoder decoder": 0.25, "global_head": 0.0}
+    tried = []
+
+    def trial(kept):
+        tried.append(list(kept))
+        shortfall = max(0.0, 0.75 - sum(recovers[name] for name in kept))
+        return Trial(None, {"shortfall": shortfall, "passed": shortfall == 0.0})
+
+    kept, outcome = search_float_layers(list(recovers), trial)
+    assert kept == ["teacher_head", "autoencoder decoder"] and outcome.check["passed"]
+    # All int8, each group alone, then the two best together (the best alone is not tried again).
+    assert tried == [[], ["teacher_head"], ["student_trunk.3"], ["autoencoder decoder"], ["global_head"], ["teacher_head", "autoencoder decoder"]]
+
+    passing = []
+    kept, outcome = search_float_layers(list(recovers), lambda kept: passing.append(kept) or Trial(None, {"shortfall": 0.0, "passed": True}))
+    assert kept == [] and passing == [[]]  # all int8 passed: nothing else is tried
+
+
+def test_layer_groups_name_every_network_convolution_once(tiny):
+    module = FusedModel(load_model(tiny.path)[0], fuse_local_head=False)
+    groups = layer_groups(module)
+    assert list(groups)[:4] == ["teacher_trunk.0", "teacher_trunk.3", "teacher_trunk.6", "student_trunk.0"]
+    assert {"teacher_head", "student_local_head", "global_head", "autoencoder encoder", "autoencoder decoder"} <= set(groups)
+    import re
+
+    onnx_names = [f"/{name.split('.')[0]}/{name}/Conv" if "." in name else f"/{name}/Conv" for name, layer in module.named_modules() if isinstance(layer, torch.nn.Conv2d)]
+    for node in onnx_names:
+        assert sum(bool(re.match(pattern, node)) for pattern in groups.values()) == 1, node

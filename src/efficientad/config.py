@@ -221,9 +221,13 @@ SERVE_MAX_CONNECTIONS = 1000
 SERVE_MAX_LOADED = 8
 # Ray Serve's end-to-end deadline for a request (reading, queueing, inference, answer), in seconds.
 SERVE_RAY_REQUEST_TIMEOUT = 60.0
-# int8 export: training images that set the activation ranges, and the largest mean score error
-# against fp32 (on held-out normal images and synthetic defects) that passes the acceptance test.
+# int8 export: training images that set the activation ranges, and its acceptance test against fp32
+# on the held-out normal images and their synthetic defects: how much lower the image AUROC and the
+# AU-PRO may be (the bounds issue 16 sets on the test set), and the largest mean score difference of
+# the held-out images (so that the threshold keeps its meaning).
 INT8_CALIBRATION_IMAGES = 64
+INT8_MAX_AUROC_DROP = 0.005
+INT8_MAX_AU_PRO_DROP = 0.01
 INT8_MAX_SCORE_ERROR = 0.01
 # The speed protocol: timed batch-1 runs after untimed warm-up runs, throughput at this batch size.
 BENCH_RUNS = 50

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..choices import DATASET_FORMATS, EXPORT_FORMATS, EXPORT_PRECISIONS, INPUT_DTYPES
-from ..config import INT8_CALIBRATION_IMAGES, INT8_MAX_SCORE_ERROR
+from ..config import INT8_CALIBRATION_IMAGES, INT8_MAX_AU_PRO_DROP, INT8_MAX_AUROC_DROP, INT8_MAX_SCORE_ERROR
 from .options import positive
 
 
@@ -20,8 +20,9 @@ def register(subparsers) -> None:
         "efficientad.Inferencer (or serve it with `efficientad serve --model FILE`). Input: 'images' (N, 3, H, W) RGB; outputs: score (N,), anomaly_map, "
         "local_map, global_map (N, 1, h, w), see --output-size. "
         "--precision int8 quantises the networks with NNCF (OpenVINO IR), keeping in float the layers that "
-        "accuracy needs, judged on the model's held-out good images and synthetic defects pasted into them "
-        "(--data/--category: the data it was trained on; no defect images are used). It measures the map "
+        "accuracy needs, judged on the model's held-out good images against synthetic defects pasted into them "
+        "(image AUROC and AU-PRO against fp32; --data/--category: the data it was trained on; no defect images "
+        "are used). It measures the map "
         "quantiles and threshold again on the int8 model, writes MODEL.int8.xml beside the model by default "
         "(where `--precision auto` finds it) and its calibration record as .json beside it. It takes a few minutes.",
     )
@@ -44,9 +45,18 @@ def register(subparsers) -> None:
     int8.add_argument("--layout", choices=DATASET_FORMATS, default="mvtec", help="dataset layout of --data, as train's --format (default: %(default)s)")
     int8.add_argument("--calibration-images", type=positive(int), default=INT8_CALIBRATION_IMAGES, help="training images that set the int8 ranges (default: %(default)s)")
     int8.add_argument(
+        "--max-auroc-drop", type=positive(float), default=INT8_MAX_AUROC_DROP,
+        help="acceptance test: how much lower than fp32's the image AUROC of the held-out good images against "
+        "their synthetic defects may be (default: %(default)s)",
+    )
+    int8.add_argument(
+        "--max-au-pro-drop", type=positive(float), default=INT8_MAX_AU_PRO_DROP,
+        help="acceptance test: the same for the AU-PRO of the synthetic defects' masks (default: %(default)s)",
+    )
+    int8.add_argument(
         "--max-score-error", type=positive(float), default=INT8_MAX_SCORE_ERROR,
-        help="acceptance test: largest mean score difference to fp32 on the held-out and synthetic-defect images "
-        "(0.1 is a good image's rare extreme) (default: %(default)s)",
+        help="acceptance test: largest mean score difference to fp32 of the held-out good images, on which the "
+        "threshold is measured (0.1 is a good image's rare extreme) (default: %(default)s)",
     )
     parser.set_defaults(handler=run)
 
@@ -99,15 +109,22 @@ def run_int8(args: argparse.Namespace) -> int:
     model, metadata = load_model(args.model)
     calibration, validation = quantization_images(metadata, args.data, args.category, args.layout, args.calibration_images)
     print(f"quantising with {len(calibration)} calibration and {len(validation)} held-out images (a few minutes)", file=sys.stderr)
-    path, record = export_int8(model, out, calibration, validation, threshold=args.threshold, model_metadata=metadata, max_score_error=args.max_score_error)
+    path, record = export_int8(
+        model, out, calibration, validation, threshold=args.threshold, model_metadata=metadata,
+        max_auroc_drop=args.max_auroc_drop, max_au_pro_drop=args.max_au_pro_drop, max_score_error=args.max_score_error,
+    )  # fmt: skip
     record_path = path.with_suffix(".json")
     write_run_record(record_path, {"model": str(args.model), "model_tensor_sha256": metadata.get("tensor_sha256"), "out": str(path), "data": str(Path(args.data) / args.category), **record})
-    drift = record["drift"]
-    verdict = "passed" if record["accepted"] else "FAILED"
+    acceptance = record["acceptance"]
+    fp32, int8 = acceptance["fp32"], acceptance["int8"]
+    kept = ", ".join(record["kept_in_float"]) or "none"
     print(
-        f"wrote {path} and {record_path.name}: {len(record['kept_in_float'])} of {record['n_convolutions']} convolutions kept in float; "
-        f"mean score error vs fp32 {drift['validation_score_error_mean']:.4f} (held-out), {drift['synthetic_defect_score_error_mean']:.4f} "
-        f"(synthetic defects); acceptance test (<= {record['max_score_error']}) {verdict}; threshold {record['threshold']:.4f}"
+        f"wrote {path} and {record_path.name}: layers kept in float: {kept} ({len(record['float_convolutions'])} of "
+        f"{record['n_convolutions']} convolutions); held-out vs synthetic defects, fp32 -> int8: image AUROC "
+        f"{fp32['image_auroc']:.4f} -> {int8['image_auroc']:.4f}, AU-PRO {fp32['au_pro']:.4f} -> {int8['au_pro']:.4f}; "
+        f"held-out score error {int8['validation_score_error_mean']:.4f}; acceptance test (drops <= {acceptance['max_image_auroc_drop']} "
+        f"and {acceptance['max_au_pro_drop']}, error <= {acceptance['max_score_error']}) {'passed' if record['accepted'] else 'FAILED'}; "
+        f"threshold {record['threshold']:.4f}; {record['seconds']:.0f} s"
     )
     if not record["accepted"]:
         print("precision 'auto' will not use it; 'int8' still runs it", file=sys.stderr)

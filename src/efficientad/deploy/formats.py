@@ -27,7 +27,7 @@ import torch
 
 from .. import __version__
 from ..choices import EXPORT_FORMATS, INPUT_DTYPES, check_choice
-from ..config import INT8_MAX_SCORE_ERROR
+from ..config import INT8_MAX_AU_PRO_DROP, INT8_MAX_AUROC_DROP, INT8_MAX_SCORE_ERROR
 from ..errors import EfficientADError, first_line
 from ..files import atomic_write
 from ..model import EfficientADModel, check_format, load_model
@@ -283,6 +283,8 @@ def export_int8(
     *,
     threshold: float | None = None,
     model_metadata: dict[str, Any] | None = None,
+    max_auroc_drop: float = INT8_MAX_AUROC_DROP,
+    max_au_pro_drop: float = INT8_MAX_AU_PRO_DROP,
     max_score_error: float = INT8_MAX_SCORE_ERROR,
     threads: int | None = None,
 ) -> tuple[Path, dict[str, Any]]:
@@ -310,6 +312,8 @@ def export_int8(
         validation,
         quantile_levels=(config.get("map_quantile_low", 0.9), config.get("map_quantile_high", 0.995)),
         false_positive_rate=config.get("false_positive_rate", 0.01),
+        max_auroc_drop=max_auroc_drop,
+        max_au_pro_drop=max_au_pro_drop,
         max_score_error=max_score_error,
         expected_validation_scores=metadata_in.get("validation_scores"),
         threads=threads,

@@ -10,7 +10,10 @@ the map formula of :mod:`efficientad.model` and every constant folded away:
 - the teacher's output normalisation (mean/std per channel) folded into its last convolution;
 - teacher minus student: the teacher's last convolution and the first half of the student's last
   convolution run as one convolution over both inputs, which yields the difference directly (in
-  bf16 it is then rounded relative to the difference, not to the larger features);
+  bf16 it is then rounded relative to the difference, not to the larger features). For int8 they
+  stay two convolutions (``fuse_local_head=False``): one convolution has one activation scale, and
+  the teacher trunk's outputs are about 3x smaller than the student's (bottle: largest 2.8 against
+  9.6, median channel 0.28), so in one they would get a few of the 256 levels;
 - the map quantiles become one scale and offset per map.
 
 Running the teacher's and student's identically shaped layers as single convolutions (concatenated
@@ -53,6 +56,14 @@ def _conv_like(conv: nn.Conv2d, in_channels: int, out_channels: int) -> nn.Conv2
     return nn.Conv2d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding)
 
 
+def _part_of(conv: nn.Conv2d, channels: slice) -> nn.Conv2d:
+    """The convolution computing ``conv``'s output ``channels`` only."""
+    part = _conv_like(conv, conv.in_channels, len(range(conv.out_channels)[channels]))
+    part.weight.copy_(conv.weight[channels])
+    part.bias.copy_(conv.bias[channels])
+    return part
+
+
 def _trunk(stages: list[tuple[nn.Conv2d, bool, nn.AvgPool2d | None]]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for conv, relu, pool in stages:
@@ -82,6 +93,7 @@ class FusedModel(nn.Module):
         output_size: Sequence[int] | None = None,
         input_dtype: str = "float32",
         allow_uncalibrated: bool = False,
+        fuse_local_head: bool = True,
     ):
         super().__init__()
         if not (model.is_calibrated or allow_uncalibrated):
@@ -94,6 +106,7 @@ class FusedModel(nn.Module):
         if len(self.output_size) != 2 or min(self.output_size) < 1:
             raise EfficientADError(f"output_size must be (height, width) of positive ints, got {output_size!r}")
         self.input_dtype = input_dtype
+        self.fuse_local_head = fuse_local_head
 
         self._build(copy.deepcopy(model).float().cpu())
         self.requires_grad_(False).eval()
@@ -128,14 +141,16 @@ class FusedModel(nn.Module):
         self.teacher_trunk = _trunk(teacher[:-1])
         self.student_trunk = _trunk(student[:-1])
 
-        # teacher - student[:384] as one conv over the concatenated inputs: W_t h_t - W_s h_s.
         last_s = student[-1][0]
-        self.local_head = _conv_like(last_t, last_t.in_channels + last_s.in_channels, TEACHER_CHANNELS)
-        self.local_head.weight.copy_(torch.cat([last_t.weight, -last_s.weight[:TEACHER_CHANNELS]], dim=1))
-        self.local_head.bias.copy_(last_t.bias - last_s.bias[:TEACHER_CHANNELS])
-        self.global_head = _conv_like(last_s, last_s.in_channels, TEACHER_CHANNELS)
-        self.global_head.weight.copy_(last_s.weight[TEACHER_CHANNELS:])
-        self.global_head.bias.copy_(last_s.bias[TEACHER_CHANNELS:])
+        if self.fuse_local_head:
+            # teacher - student[:384] as one conv over the concatenated inputs: W_t h_t - W_s h_s.
+            self.local_head = _conv_like(last_t, last_t.in_channels + last_s.in_channels, TEACHER_CHANNELS)
+            self.local_head.weight.copy_(torch.cat([last_t.weight, -last_s.weight[:TEACHER_CHANNELS]], dim=1))
+            self.local_head.bias.copy_(last_t.bias - last_s.bias[:TEACHER_CHANNELS])
+        else:
+            self.teacher_head = last_t
+            self.student_local_head = _part_of(last_s, slice(0, TEACHER_CHANNELS))
+        self.global_head = _part_of(last_s, slice(TEACHER_CHANNELS, None))
 
         layers = [copy.deepcopy(m) for m in model.autoencoder if not isinstance(m, nn.Dropout)]
         layers[0].weight.mul_(input_gain)
@@ -153,7 +168,10 @@ class FusedModel(nn.Module):
         # The convolutions' dtype: TorchSession converts only them to bf16/fp16, never the constants.
         x = (images.float() - self.input_offset).to(self.autoencoder[0].weight.dtype)
         student = self.student_trunk(x)
-        local_difference = self.local_head(torch.cat([self.teacher_trunk(x), student], dim=1))
+        if self.fuse_local_head:
+            local_difference = self.local_head(torch.cat([self.teacher_trunk(x), student], dim=1))
+        else:
+            local_difference = self.teacher_head(self.teacher_trunk(x)) - self.student_local_head(student)
         global_difference = self.autoencoder(x) - self.global_head(student)
         # Squares and means in float32 even in bf16/fp16: half-precision sums of 384 squares lose digits.
         return torch.cat(
