@@ -1,23 +1,19 @@
-"""Where int8 loses EfficientAD's accuracy, and what keeps it: a study with NNCF on OpenVINO.
+"""Where int8 loses EfficientAD's accuracy, and whether the export's normal-image proxies see it.
 
-    python benchmarks/int8_study.py --model bottle.pt [--category bottle] [--json benchmarks/results/int8_study.json]
+    python benchmarks/int8_study.py --model runs/bottle/model.pt [--category bottle] [--json benchmarks/results/int8_study.json]
 
-For one trained model it quantises the fused graph (NNCF post-training quantisation, OpenVINO IR)
-in several ways and reports, for each, the batch-1 latency, the largest map difference to fp32 and
-the image AUROC on the category's test set (read for this report only: every choice below is made
-from normal images):
+For one trained model it quantises the networks (NNCF post-training quantisation, OpenVINO IR; the
+map arithmetic stays float) in several ways, and reports for each what the int8 export's acceptance
+test measures (image AUROC and AU-PRO of the held-out normal images against their synthetic
+defects, and the held-out images' score error, all against fp32) beside the same metrics on the
+category's test set, which decides nothing here:
 
-* ``all ops``: NNCF's default scope, which also quantises the map arithmetic after the networks
-  (squared differences, means, padding, resize);
-* ``networks only``: the map arithmetic kept in float, only the three networks quantised;
-* ``sensitivity``: networks only, with one layer (or layer group) at a time kept in float, ranked by
-  the score error it leaves on the model's own held-out validation images (normal images only);
-* ``accuracy control``: ``nncf.quantize_with_accuracy_control`` with that same defect-free metric
-  (1 - mean |score_int8 - score_fp32| on the validation images), reverting layers to float until
-  the error is below ``--max-score-error``.
+* ``fused local head``: teacher and student last convolutions as one convolution over both
+  trunks' outputs (the float deployment's graph), all int8;
+* ``heads apart``: the export's graph, all int8;
+* ``heads apart, X in float``: each layer group of the export's sensitivity pass kept in float alone.
 
-The validation images are the model's own held-out split, rebuilt from its training record (seed
-and fraction); calibration uses its training images.
+Map quantiles are measured again on each variant's held-out maps, as the export does.
 """
 
 from __future__ import annotations
@@ -31,148 +27,84 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data" / "mvtec_ad"
-# Everything that is not one of the three networks: the map arithmetic, which int8 must not touch.
-OUTSIDE_NETWORKS = r"^/(?!teacher_trunk|student_trunk|autoencoder|local_head|global_head).*"
-LAYERS = {
-    "teacher first conv": [r"^/teacher_trunk/teacher_trunk\.0/.*"],
-    "teacher middle conv": [r"^/teacher_trunk/teacher_trunk\.3/.*"],
-    "teacher last conv": [r"^/teacher_trunk/teacher_trunk\.6/.*"],
-    "student first conv": [r"^/student_trunk/student_trunk\.0/.*"],
-    "student middle conv": [r"^/student_trunk/student_trunk\.3/.*"],
-    "student last conv": [r"^/student_trunk/student_trunk\.6/.*"],
-    "local head": [r"^/local_head/.*"],
-    "global head": [r"^/global_head/.*"],
-    "autoencoder encoder": [r"^/autoencoder/autoencoder\.([0-9]|10)/.*"],
-    "autoencoder decoder": [r"^/autoencoder/autoencoder\.(1[1-9]|2[0-9]|3[0-9])/.*"],
-}
+SHARED = REPO.parent / "shared" / "data"
+CATEGORIES = {"bottle": ("mvtec", SHARED / "mvtec_ad"), "fryum": ("visa", SHARED / "visa")}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a model.pt trained on --category")
-    parser.add_argument("--data", default=str(SHARED_DATA))
-    parser.add_argument("--category", default="bottle")
-    parser.add_argument("--format", default="mvtec")
-    parser.add_argument("--calibration-images", type=int, default=64)
-    parser.add_argument("--max-score-error", type=float, default=0.01, help="accuracy control's bound (scores: 0.1 = normal images' rare extreme)")
+    parser.add_argument("--category", choices=CATEGORIES, default="bottle")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "int8_study.json")
     args = parser.parse_args()
 
-    import nncf
-    import openvino as ov
-
-    from efficientad.data.datasets import load_split
-    from efficientad.data.images import load_images, split_validation, to_float
+    from efficientad.data.datasets import load_split, read_mask
+    from efficientad.data.images import load_images, to_float
     from efficientad.deploy.fused import FusedModel
     from efficientad.deploy.graphs import openvino_model
+    from efficientad.deploy.quantize import AcceptanceBounds, LabelledImages, acceptance_check, layer_groups, outside_networks, quantization_images, require_nncf
+    from efficientad.deploy.runtimes import OpenVinoSession
     from efficientad.deploy.speed import system_info
-    from efficientad.evaluation.metrics import image_auroc
+    from efficientad.files import write_run_record
+
+    nncf = require_nncf()
     from efficientad.model import load_model
 
     model, metadata = load_model(args.model)
-    config = metadata["config"]
+    layout, root = CATEGORIES[args.category]
+    calibration, validation = quantization_images(metadata, root, args.category, layout)
+    acceptance = LabelledImages.with_synthetic_defects(validation)
+    split = load_split(layout, root, args.category)
     size = tuple(model.image_size)
-    split = load_split(args.format, args.data, args.category)
-    if split.validation:
-        train, validation = split.train, split.validation
-    else:
-        train, validation = split_validation(split.train, config["validation_fraction"], config["seed"])
-    pick = np.linspace(0, len(train) - 1, min(args.calibration_images, len(train))).round().astype(int)
-    calibration = [batch[None] for batch in to_float(load_images([train[i] for i in pick], size)).numpy()]
-    held_out = [batch[None] for batch in to_float(load_images(validation, size)).numpy()]
-    test = [batch[None] for batch in to_float(load_images([s.path for s in split.test], size)).numpy()]
-    labels = split.labels
+    test = LabelledImages(
+        [image[None] for image in to_float(load_images([s.path for s in split.test], size)).numpy()],
+        list(split.labels),
+        np.stack([read_mask(s.mask_paths, size) if s.mask_paths else np.zeros(size, bool) for s in split.test]),
+    )
+    levels = (metadata["config"]["map_quantile_low"], metadata["config"]["map_quantile_high"])
 
-    core = ov.Core()
-    fp32 = openvino_model(FusedModel(model))
+    def measured(graph, module):
+        run = OpenVinoSession(graph, "fp32", args.threads).run
+        on_acceptance = acceptance.measure(run, module, levels)
+        # The test set scored with the quantiles of the held-out maps, as a deployment scores it.
+        on_test = test.measure(run, module, levels, on_acceptance.quantiles)
+        return on_acceptance, {"image_auroc": round(on_test.image_auroc, 4), "au_pro": round(on_test.au_pro, 4)}
 
-    def compiled(graph, hint: str = "f32"):
-        return core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": args.threads})
+    modules = {"fused": FusedModel(model), "apart": FusedModel(model, fuse_local_head=False)}
+    graphs = {name: openvino_model(module) for name, module in modules.items()}
+    reference, reference_test = measured(graphs["apart"], modules["apart"])
+    rows = [{"variant": "fp32", "proxy": {"image_auroc": reference.image_auroc, "au_pro": reference.au_pro}, "test": reference_test}]
 
-    def scores(runner, images) -> np.ndarray:
-        return np.array([float(runner(x)[0][0]) for x in images])
+    def quantised(name: str, kept: list[str]):
+        module = modules[name]
+        groups = layer_groups(module)
+        scope = nncf.IgnoredScope(patterns=[outside_networks(module), *(groups[group] for group in kept)], validate=False)
+        return nncf.quantize(graphs[name], nncf.Dataset(calibration), subset_size=len(calibration), preset=nncf.QuantizationPreset.MIXED, ignored_scope=scope)
 
-    def maps(runner, images) -> np.ndarray:
-        return np.stack([runner(x)[1][0, 0] for x in images])
-
-    def latency_ms(runner) -> float:
-        for _ in range(5):
-            runner(test[0])
-        times = []
-        for _ in range(30):
-            start = time.perf_counter()
-            runner(test[0])
-            times.append(time.perf_counter() - start)
-        return round(float(np.median(times)) * 1000, 1)
-
-    reference = compiled(fp32)
-    reference_validation, reference_test = scores(reference, held_out), scores(reference, test)
-    reference_maps = maps(reference, test)
-
-    def report(label: str, graph, seconds: float, hint: str = "f32") -> dict:
-        runner = compiled(graph, hint)
-        validation_error = np.abs(scores(runner, held_out) - reference_validation)
-        test_scores = scores(runner, test)
+    variants = [("fused local head", "fused", []), ("heads apart", "apart", [])]
+    variants += [(f"heads apart, {group} in float", "apart", [group]) for group in layer_groups(modules["apart"])]
+    for label, name, kept in variants:
+        started = time.perf_counter()
+        result, on_test = measured(quantised(name, kept), modules[name])
+        check = acceptance_check(reference, result, acceptance.n_normal, AcceptanceBounds())
         row = {
             "variant": label,
-            "latency_ms": latency_ms(runner),
-            "validation_score_error_mean": round(float(validation_error.mean()), 5),
-            "validation_score_error_max": round(float(validation_error.max()), 5),
-            "test_max_map_difference": round(float(np.abs(maps(runner, test) - reference_maps).max()), 4),
-            "test_image_auroc": round(image_auroc(labels, test_scores), 4),
-            "seconds_to_make": round(seconds, 1),
+            "proxy": {key: round(check[key], 4) for key in ("image_auroc", "au_pro", "image_auroc_drop", "au_pro_drop", "validation_score_error_mean")},
+            "passed": check["passed"],
+            "test": on_test,
+            "test_change": {key: round(on_test[key] - reference_test[key], 4) for key in on_test},
+            "seconds": round(time.perf_counter() - started, 1),
         }
-        print(json.dumps(row), flush=True)
-        return row
-
-    def quantize(extra_ignored: list[str] | None, networks_only: bool = True):
-        patterns = ([OUTSIDE_NETWORKS] if networks_only else []) + (extra_ignored or [])
-        scope = nncf.IgnoredScope(patterns=patterns, validate=False) if patterns else None
-        return nncf.quantize(fp32, nncf.Dataset(calibration), subset_size=len(calibration), preset=nncf.QuantizationPreset.MIXED, ignored_scope=scope)
-
-    rows = [report("fp32", fp32, 0.0), report("bf16 (where native)", fp32, 0.0, "bf16")]
-    for label, ignored, networks_only in (("int8, all ops", None, False), ("int8, networks only", None, True)):
-        start = time.perf_counter()
-        graph = quantize(ignored, networks_only)
-        rows.append(report(label, graph, time.perf_counter() - start))
-    sensitivity = []
-    for layer, patterns in LAYERS.items():
-        start = time.perf_counter()
-        sensitivity.append({"kept_in_float": layer, **report(f"int8, networks only, {layer} in float", quantize(patterns), time.perf_counter() - start)})
-
-    def agreement(runner, images) -> tuple[float, list[float]]:
-        # A metric NNCF can maximise without defect images: 1 - the score error against fp32 per image.
-        per_image = [1.0 - abs(float(runner(x)[0][0]) - float(r)) for x, r in zip(images, reference_validation)]
-        return float(np.mean(per_image)), per_image
-
-    start = time.perf_counter()
-    controlled = nncf.quantize_with_accuracy_control(
-        fp32, nncf.Dataset(calibration), nncf.Dataset(held_out), validation_fn=agreement,
-        max_drop=args.max_score_error, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration),
-        preset=nncf.QuantizationPreset.MIXED, ignored_scope=nncf.IgnoredScope(patterns=[OUTSIDE_NETWORKS], validate=False),
-    )
-    seconds = time.perf_counter() - start
-    rows.append(report(f"int8, accuracy control (score error <= {args.max_score_error})", controlled, seconds))
-    rows.append(report(f"int8, accuracy control, float layers in bf16", controlled, seconds, "bf16"))
-    kept = sorted(op.get_friendly_name() for op in controlled.get_ordered_ops()
-                  if op.get_type_name() == "Convolution" and op.input_value(0).get_node().get_type_name() != "FakeQuantize")
-
-    result = {
-        "model": str(args.model),
-        "category": args.category,
-        "n_calibration_images": len(calibration),
-        "n_validation_images": len(held_out),
-        "n_test_images": len(test),
-        "variants": rows,
-        "sensitivity": sorted(sensitivity, key=lambda row: row["validation_score_error_mean"]),
-        "accuracy_control_convolutions_kept_in_float": kept,
-        "system": system_info(threads=args.threads),
-        "nncf": nncf.__version__,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    write_run_record(args.json, {
+        "benchmark": "int8_study", "model": str(args.model), "category": args.category,
+        "n_calibration_images": len(calibration), "n_validation_images": acceptance.n_normal,
+        "n_synthetic_defect_images": len(acceptance.images) - acceptance.n_normal, "n_test_images": len(test.images),
+        "nncf": nncf.__version__, "variants": rows, "system": system_info(threads=args.threads),
+    })  # fmt: skip
+    print(f"wrote {args.json}")
     return 0
 
 

@@ -373,7 +373,8 @@ def measure(
         "skipped": skipped,
     }
     done = {(run["category"], run["schedule"]["name"], run["seed"]) for run in runs}
-    pending = [(c, seed, s) for c in splits for seed in seeds for s in schedules if (c, s.name, seed) not in done]
+    # Shortest runs first: a stopped measurement then holds the most runs, the paper's long one last.
+    pending = [(c, seed, s) for c in splits for seed in seeds for s in sorted(schedules, key=lambda s: s.steps) if (c, s.name, seed) not in done]
     teacher = penalty = None
     if pending:
         # Read once for all runs; a random teacher is for tests only, and the setup says so.

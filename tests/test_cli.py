@@ -224,6 +224,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     scores = [p.score for p in Inferencer.load(tmp_path / "demo" / "model.pt").predict([s.path for s in split.test])]
     assert record["metrics"]["image_auroc"] == pytest.approx(image_auroc(split.labels, scores), abs=1e-9)
     assert len(list((tmp_path / "demo" / "overlays").glob("*.png"))) == record["n_test"]
+    # The demo trains on the fast schedule within its time budget; here the 2 steps end it first.
+    assert record["config"]["schedule"] == "fast" and record["config"]["time_budget"] == 120.0
+    assert record["training"]["stopped_by"] == "steps" and record["wall_seconds"] > 0
+    assert "time budget: 2 min for loading and training (fast schedule" in out
 
 
 def test_a_third_image_size_value_is_refused(dataset, tmp_path, capsys):

@@ -18,7 +18,9 @@ from PIL import Image
 
 from efficientad.cli import build_parser, main
 from efficientad.cli.options import training_settings
-from efficientad.config import TrainConfig
+from efficientad.config import SCHEDULE_SETTINGS, TrainConfig, make_config
+from efficientad.errors import EfficientADError
+from efficientad.training.checkpoint import check_same_config
 from efficientad.data.synthetic import make_dataset
 from efficientad.model import EfficientADModel, quantile
 from efficientad.training import train as train_module
@@ -186,6 +188,45 @@ def test_time_budget_is_given_in_minutes_on_the_command_line():
     assert settings["time_budget"] == 150.0 and settings["early_stop"] is True
     demo = build_parser().parse_args(["demo", "--time-budget", "3"])
     assert demo.time_budget == 3.0
+
+
+# --------------------------------------------------------------------------------------- schedules
+SCHEDULED = ("steps", "batch_size", "learning_rate")
+
+
+def test_a_schedule_sets_steps_batch_size_and_learning_rate_unless_they_are_given():
+    assert [getattr(TrainConfig(), name) for name in SCHEDULED] == [70_000, 1, 1e-4]  # the paper's
+    fast = TrainConfig(schedule="fast")
+    assert [getattr(fast, name) for name in SCHEDULED] == [SCHEDULE_SETTINGS["fast"][name] for name in SCHEDULED]
+    assert fast.learning_rate != 1e-4 and fast.steps < 70_000
+    given = TrainConfig(schedule="fast", steps=10)
+    assert (given.steps, given.learning_rate) == (10, fast.learning_rate)
+    # Another schedule over a config: that schedule's values, but for those given with it.
+    assert [getattr(make_config(TrainConfig, fast, {"schedule": "paper"}), name) for name in SCHEDULED] == [70_000, 1, 1e-4]
+    assert make_config(TrainConfig, fast, {"schedule": "paper", "steps": 5}).steps == 5
+    # Other settings leave the schedule's values, and those given before, alone.
+    assert make_config(TrainConfig, given, {"seed": 3}).steps == 10
+    with pytest.raises(EfficientADError, match="schedule must be one of 'paper', 'fast'"):
+        TrainConfig(schedule="slow")
+
+
+def test_schedule_on_the_command_line_and_in_help(capsys):
+    args = build_parser().parse_args(["train", "--data", "d", "--category", "c", "--out", "o", "--schedule", "fast", "--steps", "7"])
+    assert {"schedule": "fast", "steps": 7}.items() <= training_settings(args).items()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    fast = SCHEDULE_SETTINGS["fast"]
+    assert f"the schedule's: paper 70,000, fast {fast['steps']:,}" in shown
+    assert f"paper 0.0001, fast {fast['learning_rate']:g}" in shown
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_with_its_default():
+    config = TrainConfig(steps=4).as_dict()
+    older = {"config": {name: value for name, value in config.items() if name != "schedule"}}
+    check_same_config(older, config, "old.pt")  # no "schedule" in it: the paper's, which it ran
+    with pytest.raises(EfficientADError, match="schedule='paper' \\(this run: 'fast'\\)"):
+        check_same_config(older, TrainConfig(schedule="fast", steps=4, batch_size=1, learning_rate=1e-4).as_dict(), "old.pt")
 
 
 # ------------------------------------------------------------------------------------ resumed runs

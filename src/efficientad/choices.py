@@ -14,6 +14,8 @@ MODEL_SIZES = ("s", "m")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Pretraining's autocast; fp16 autocast of a backbone distillation was never tried.
 PRETRAIN_PRECISIONS = ("fp32", "bf16")
+# Training schedules (config.SCHEDULE_SETTINGS): the paper's, and a faster one found by measurement.
+SCHEDULES = ("paper", "fast")
 DATASET_FORMATS = ("mvtec", "loco", "visa", "folder")
 # A collection benchmark's name -> the dataset layout of its categories.
 COLLECTIONS = {"mvtec_ad": "mvtec", "loco": "loco", "visa": "visa", "folder": "folder"}

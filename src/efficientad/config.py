@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, TypeVar
 
-from .choices import BACKBONES, MODEL_SIZES, PRECISIONS, PRETRAIN_PRECISIONS, check_choice
+from .choices import BACKBONES, MODEL_SIZES, PRECISIONS, PRETRAIN_PRECISIONS, SCHEDULES, check_choice
 from .errors import EfficientADError
 
 Config = TypeVar("Config", "TrainConfig", "PretrainConfig")
@@ -52,6 +52,15 @@ def _check_optimizer(config: Any) -> None:
         )
 
 
+# What a training schedule sets: the fields of TrainConfig that default to None and take the
+# schedule's value. "paper" is the paper's; "fast" was chosen by measurement (README, "Training
+# time"; benchmarks/learning_curves.py): the best image AUROC per CPU-minute among those tried.
+SCHEDULE_SETTINGS: dict[str, dict[str, Any]] = {
+    "paper": {"steps": 70_000, "batch_size": 1, "learning_rate": 1e-4},
+    "fast": {"steps": 1_250, "batch_size": 1, "learning_rate": 2e-3},
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides what :meth:`EfficientAD.fit <efficientad.EfficientAD.fit>` learns.
@@ -80,9 +89,10 @@ class TrainConfig:
     image_size: tuple[int, int] = (256, 256)
     teacher: str | None = None
     penalty_images: str | None = None
-    steps: int = 70_000
-    batch_size: int = 1
-    learning_rate: float = 1e-4
+    schedule: str = "paper"
+    steps: int | None = None  # None: the schedule's (the paper's: 70,000)
+    batch_size: int | None = None  # the paper's: 1
+    learning_rate: float | None = None  # the paper's: 1e-4
     weight_decay: float = 1e-5
     lr_drop_fraction: float = 0.95
     hard_loss_quantile: float = 0.999
@@ -106,6 +116,10 @@ class TrainConfig:
 
         check_choice("model_size", self.model_size, MODEL_SIZES)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        for name, value in SCHEDULE_SETTINGS[self.schedule].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         object.__setattr__(self, "image_size", check_image_size(parse_image_size(self.image_size)))
         for name in ("teacher", "penalty_images"):
             value = getattr(self, name)
@@ -193,12 +207,18 @@ def make_config(cls: type[Config], base: Config | None = None, overrides: Mappin
         raise EfficientADError(f"unknown {cls.__name__} parameter(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     if base is None:
         return cls(**overrides)
+    if cls is TrainConfig and "schedule" in overrides:
+        # Another schedule's values, but for those given now: the base's came from its own schedule.
+        overrides = {**{name: None for name in SCHEDULE_SETTINGS[base.schedule]}, **overrides}
     return replace(base, **overrides)
 
 
-def default(cls: type, name: str) -> Any:
-    """A field's default, for help texts that must not restate it."""
-    return next(field.default for field in fields(cls) if field.name == name)
+def default(cls: type, name: str, schedule: str = "paper") -> Any:
+    """A field's default, for help texts that must not restate it (a schedule's field: that schedule's)."""
+    value = next(field.default for field in fields(cls) if field.name == name)
+    if cls is TrainConfig and value is None and name in SCHEDULE_SETTINGS[schedule]:
+        return SCHEDULE_SETTINGS[schedule][name]
+    return value
 
 
 # Defaults of prediction and serving, read by the library and shown by the CLI.

@@ -171,25 +171,33 @@ class Measured(NamedTuple):
     au_pro: float
 
 
-class AcceptanceImages(NamedTuple):
-    """The held-out normal images, then their synthetic defects; labels and masks (all-False for normal images)."""
+class LabelledImages(NamedTuple):
+    """(1, 3, H, W) float images with labels (1: defective) and masks; the first ``n_normal`` are held-out normal images."""
 
     images: list[np.ndarray]
     labels: list[int]
     masks: np.ndarray
-    n_normal: int
+    n_normal: int = 0
 
     @classmethod
-    def of(cls, validation: Sequence[np.ndarray]) -> AcceptanceImages:
+    def with_synthetic_defects(cls, validation: Sequence[np.ndarray]) -> LabelledImages:
+        """The acceptance test's images: the held-out normal images, then their synthetic defects."""
         defects = synthetic_defects(validation, SYNTHETIC_DEFECTS_PER_IMAGE)
         size = validation[0].shape[2:]
         masks = np.stack([np.zeros(size, dtype=bool)] * len(validation) + defects.masks)
         return cls([*validation, *defects.images], [0] * len(validation) + [1] * len(defects.images), masks, len(validation))
 
-    def measure(self, runner: Callable[[np.ndarray], InferenceOutput], module: FusedModel, quantile_levels: tuple[float, float]) -> Measured:
-        """Run, measure the quantiles on the normal images' maps, and score everything with them, as calibration does."""
+    def measure(
+        self,
+        runner: Callable[[np.ndarray], InferenceOutput],
+        module: FusedModel,
+        quantile_levels: tuple[float, float],
+        quantiles: torch.Tensor | None = None,
+    ) -> Measured:
+        """Run, and score everything as calibration would: with the quantiles of the normal images' maps, or ``quantiles``."""
         raw = raw_maps_of(_run(runner, self.images), module)
-        quantiles = measure_map_quantiles(raw[: self.n_normal], *quantile_levels)
+        if quantiles is None:
+            quantiles = measure_map_quantiles(raw[: self.n_normal], *quantile_levels)
         maps = to_image_grid(normalize_maps(raw, *map_scale(quantiles)), module.image_size)
         scores = image_scores(maps).double().numpy()
         return Measured(raw, quantiles, scores, image_auroc(self.labels, scores), au_pro(self.masks, maps[:, 0].numpy()))
@@ -316,7 +324,7 @@ def quantize_int8(
     started = time.perf_counter()
     module = FusedModel(model, fuse_local_head=False)
     float_graph = openvino_model(module)
-    images = AcceptanceImages.of(validation)
+    images = LabelledImages.with_synthetic_defects(validation)
     n = images.n_normal
 
     def measured(graph) -> Measured:

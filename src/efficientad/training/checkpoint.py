@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..config import TrainConfig
 from ..errors import EfficientADError, first_line
 from ..files import atomic_save
 
@@ -68,12 +69,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_same_config(checkpoint: dict[str, Any], config: dict[str, Any], path: str | os.PathLike) -> None:
-    """Refuse to resume with settings other than the checkpoint's, naming each one that differs."""
-    differing = [
-        f"{name}={checkpoint['config'].get(name)!r} (this run: {value!r})"
-        for name, value in config.items()
-        if checkpoint["config"].get(name) != value
-    ]
+    """Refuse to resume with settings other than the checkpoint's, naming each one that differs.
+
+    A setting newer than the checkpoint (absent from it) counts as its default, which the run had.
+    """
+    saved = {**{field.name: field.default for field in fields(TrainConfig)}, **checkpoint["config"]}
+    differing = [f"{name}={saved.get(name)!r} (this run: {value!r})" for name, value in config.items() if saved.get(name) != value]
     if differing:
         raise EfficientADError(f"checkpoint {path} was written with {', '.join(differing)}: resume with its settings")
 
