@@ -1,4 +1,5 @@
 import json
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -163,6 +164,20 @@ def test_full_size_maps_are_made_only_when_asked_for(tiny):
     np.testing.assert_allclose(small.max(), prediction.anomaly_map.max(), rtol=0.05, atol=1e-6)
     with pytest.raises(EfficientADError, match="kind must be one of"):
         prediction.map_at((10, 10), "both")
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 1.5, "4", True])
+def test_counts_that_are_not_positive_integers_are_refused_by_name(tiny, batch_size):
+    """The serving settings and predict's batch size share one rule: an int >= 1 (not a bool, float or string)."""
+    from efficientad.serve import create_app
+    from efficientad.serve_many import ModelRegistry
+
+    with pytest.raises(EfficientADError, match=rf"batch_size must be an integer >= 1, got {re.escape(repr(batch_size))}"):
+        Inferencer.load(tiny.path).predict(np.zeros((256, 256, 3), np.uint8), batch_size=batch_size)
+    with pytest.raises(EfficientADError, match="max_pending must be an integer >= 1"):
+        create_app(tiny.path, max_pending=batch_size)
+    with pytest.raises(EfficientADError, match="max_loaded must be an integer >= 1"):
+        ModelRegistry(tiny.path.parent, max_loaded=batch_size)
 
 
 @pytest.mark.slow

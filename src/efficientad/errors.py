@@ -9,6 +9,12 @@ class EfficientADError(ValueError):
     """
 
 
+def check_count(name: str, value: object, minimum: int = 1) -> None:
+    """Refuse anything but an ``int`` of at least ``minimum`` (``True`` is an int to Python, not to a user)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise EfficientADError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
 def first_line(error: BaseException) -> str:
     """The first line of a third-party error's message, or its type when the message is empty.
 

@@ -63,7 +63,7 @@ from . import __version__
 from .config import SERVE_BODY_TIMEOUT, SERVE_MAX_MEGAPIXELS, SERVE_MAX_PENDING, SERVE_MAX_UPLOAD_MB
 from .data.images import read_image, resize_to_tensor
 from .deploy.inferencer import Inferencer, Prediction
-from .errors import EfficientADError
+from .errors import EfficientADError, check_count
 from .visualize import display_range, heat_map, shrink_for_display
 
 # Formats Pillow decodes itself; others (EPS through Ghostscript, for one) would hand uploads to
@@ -414,8 +414,7 @@ class PredictPipeline:
             raise EfficientADError(f"max_upload_mb must be > 0, got {max_upload_mb}")
         if max_megapixels <= 0:
             raise EfficientADError(f"max_megapixels must be > 0, got {max_megapixels}")
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-            raise EfficientADError(f"max_pending must be an integer >= 1, got {max_pending!r}")
+        check_count("max_pending", max_pending)
         if not body_timeout > 0:
             raise EfficientADError(f"body_timeout must be > 0, got {body_timeout}")
         self.max_bytes = int(max_upload_mb * 1e6)

@@ -41,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from .config import SERVE_MAX_LOADED
 from .deploy.formats import detect_format
 from .deploy.inferencer import Inferencer
-from .errors import EfficientADError, first_line
+from .errors import EfficientADError, check_count, first_line
 from .model import MODEL_FORMAT, MODEL_FORMAT_VERSION, check_format
 from .serve import PREDICT_ROUTE, Heatmap, PredictPipeline, ServedModel, base_app, model_info
 
@@ -218,8 +218,7 @@ class ModelFolder:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise EfficientADError(f"model folder not found: {self.folder}")
-        if isinstance(max_loaded, bool) or not isinstance(max_loaded, int) or max_loaded < 1:
-            raise EfficientADError(f"max_loaded must be an integer >= 1, got {max_loaded!r}")
+        check_count("max_loaded", max_loaded)
         self.max_loaded = max_loaded
         self.device = device
         self.precision = precision

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -17,15 +18,22 @@ if TYPE_CHECKING:
 BAND_PIXELS = 1 << 20
 
 
-def heat_colors(anomaly_map: np.ndarray, vmax: float) -> np.ndarray:
-    """RGB uint8 'jet' colours for a map, 0 (normal) blue to ``vmax`` and above red."""
+@functools.cache
+def _jet_table() -> np.ndarray:
+    """matplotlib's 'jet' as an (N, 3) uint8 table, built once (overlays use it for every band)."""
     from matplotlib import colormaps
 
     jet = colormaps["jet"]
-    table = jet(np.arange(jet.N), bytes=True)[:, :3]
+    return jet(np.arange(jet.N), bytes=True)[:, :3]
+
+
+def heat_colors(anomaly_map: np.ndarray, vmax: float) -> np.ndarray:
+    """RGB uint8 'jet' colours for a map, 0 (normal) blue to ``vmax`` and above red."""
+    table = _jet_table()
+    levels = len(table)
     # The colormap's own binning of [0, 1] into its N entries, without its float64 RGBA copy of the map.
-    scaled = np.nan_to_num(anomaly_map / max(vmax, 1e-12) * jet.N, nan=0.0, posinf=jet.N, neginf=0.0)
-    index = np.clip(scaled, 0, jet.N - 1).astype(np.intp)
+    scaled = np.nan_to_num(anomaly_map / max(vmax, 1e-12) * levels, nan=0.0, posinf=levels, neginf=0.0)
+    index = np.clip(scaled, 0, levels - 1).astype(np.intp)
     return table[index]
 
 

@@ -26,7 +26,7 @@ from ..choices import BACKEND_PRECISIONS, BACKENDS, INFERENCE_PRECISIONS, MAP_KI
 from ..config import PREDICT_BATCH_SIZE
 from ..data.images import ImageInput, read_image, resize_to_tensor
 from ..device import cpu_supports_bf16, resolve_device, usable_precision
-from ..errors import EfficientADError
+from ..errors import EfficientADError, check_count
 from ..model import EfficientADModel, load_model, resize_maps
 from .formats import Session, auto_cpu_precision, detect_format, inference_metadata, open_export, read_openvino_metadata
 from .graphs import require_openvino
@@ -226,8 +226,7 @@ class Inferencer:
         """Score images (paths, PIL images or HxW(xC) arrays); maps come back at each image's size."""
         if isinstance(images, (str, os.PathLike, np.ndarray)) or not isinstance(images, Sequence):
             images = [images]
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise EfficientADError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_count("batch_size", batch_size)
         predictions: list[Prediction] = []
         for start in range(0, len(images), batch_size):
             pictures = [read_image(source) for source in images[start : start + batch_size]]

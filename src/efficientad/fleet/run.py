@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..collection.report import format_duration
-from ..errors import EfficientADError, first_line
+from ..errors import EfficientADError, check_count, first_line
 from ..files import atomic_write_text, check_output_folder, write_run_record
 from .manifest import Row, read_manifest
 from .results import RowResult, counts, done, finished, record_of, write_results
@@ -117,8 +117,8 @@ def train_many(
     started = time.perf_counter()
     if device not in DEVICES:
         raise EfficientADError(f"device must be one of {', '.join(DEVICES)} (Ray assigns the GPU), got {device!r}")
-    if cpus_per_model is not None and (isinstance(cpus_per_model, bool) or not isinstance(cpus_per_model, int) or cpus_per_model < 1):
-        raise EfficientADError(f"cpus_per_model must be an integer >= 1, got {cpus_per_model!r}")
+    if cpus_per_model is not None:
+        check_count("cpus_per_model", cpus_per_model)
     rows = read_manifest(manifest, settings)
     out = check_output_folder(out, subfolders=[row.name for row in rows])
     results = {row.number: finished(row, out / row.name) for row in rows}
