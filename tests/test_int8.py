@@ -51,10 +51,10 @@ def int8_run(tmp_path_factory):
     # the same process crashed; a user's export is a process of its own too.
     command = [sys.executable, "-m", "efficientad", "export", "--model", str(model_path), "--precision", "int8",
                "--data", str(root), "--category", "part", "--max-auroc-drop", "1", "--max-au-pro-drop", "1",
-               "--max-score-error", "10"]  # fmt: skip
+               "--max-score-error", "10", "--max-spread-change", "100"]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert "acceptance test (drops <= 1.0 and 1.0, error <= 10.0) passed" in completed.stdout
+    assert "acceptance test (drops <= 1.0 and 1.0, error <= 10.0, spreads within 10000%) passed" in completed.stdout
     return model_path, root, detector
 
 
@@ -184,13 +184,13 @@ def test_synthetic_defects_change_one_patch_of_each_copy_and_say_where():
     np.testing.assert_array_equal(again.masks[3], defects.masks[3])
 
 
-def _measured(auroc: float, au_pro: float, scores) -> Measured:
-    return Measured(None, None, np.asarray(scores, dtype=np.float64), auroc, au_pro)
+def _measured(auroc: float, au_pro: float, scores, quantiles=(0.3, 0.5, 0.04, 0.12)) -> Measured:
+    return Measured(None, torch.tensor(quantiles, dtype=torch.float64), np.asarray(scores, dtype=np.float64), auroc, au_pro)
 
 
-def test_acceptance_check_bounds_the_drops_and_the_held_out_score_error():
+def test_acceptance_check_bounds_the_drops_the_held_out_score_error_and_the_map_spreads():
     reference = _measured(0.95, 0.80, [0.1, 0.2, 1.0])
-    bounds = AcceptanceBounds(max_auroc_drop=0.005, max_au_pro_drop=0.01, max_score_error=0.01)
+    bounds = AcceptanceBounds(max_auroc_drop=0.005, max_au_pro_drop=0.01, max_score_error=0.01, max_spread_change=0.15)
     same = acceptance_check(reference, reference, 2, bounds)
     assert same["passed"] and same["shortfall"] == 0.0 and same["image_auroc_drop"] == 0.0
     # Better than fp32 passes; only the normal images' scores count for the score error (the third is a defect).
@@ -199,6 +199,10 @@ def test_acceptance_check_bounds_the_drops_and_the_held_out_score_error():
     # An AU-PRO 0.03 lower is 2 bounds too far; an AUROC 0.0075 lower half a bound.
     worse = acceptance_check(reference, _measured(0.9425, 0.77, [0.1, 0.2, 1.0]), 2, bounds)
     assert not worse["passed"] and worse["shortfall"] == pytest.approx(0.5 + 2.0)
+    # The local map's spread 0.2 -> 0.26 (+30%: one bound too far); the global map's 0.08 -> 0.072 (-10%: within).
+    widened = acceptance_check(reference, _measured(0.95, 0.80, [0.1, 0.2, 1.0], (0.3, 0.56, 0.04, 0.112)), 2, bounds)
+    assert widened["map_spread_change"] == pytest.approx({"local": 0.3, "global": -0.1})
+    assert not widened["passed"] and widened["shortfall"] == pytest.approx(1.0)
 
 
 def test_float_layer_search_keeps_the_groups_that_recover_most_until_it_passes():

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..choices import DATASET_FORMATS, EXPORT_FORMATS, EXPORT_PRECISIONS, INPUT_DTYPES
-from ..config import INT8_CALIBRATION_IMAGES, INT8_MAX_AU_PRO_DROP, INT8_MAX_AUROC_DROP, INT8_MAX_SCORE_ERROR
+from ..config import INT8_CALIBRATION_IMAGES, INT8_MAX_AU_PRO_DROP, INT8_MAX_AUROC_DROP, INT8_MAX_SCORE_ERROR, INT8_MAX_SPREAD_CHANGE
 from .options import positive
 
 
@@ -57,6 +57,11 @@ def register(subparsers) -> None:
         "--max-score-error", type=positive(float), default=INT8_MAX_SCORE_ERROR,
         help="acceptance test: largest mean score difference to fp32 of the held-out good images, on which the "
         "threshold is measured (0.1 is a good image's rare extreme) (default: %(default)s)",
+    )
+    int8.add_argument(
+        "--max-spread-change", type=positive(float), default=INT8_MAX_SPREAD_CHANGE,
+        help="acceptance test: how much (relative) each map's quantile spread on the held-out good images may "
+        "change; it weighs the teacher-student and autoencoder maps in the combined one (default: %(default)s)",
     )
     parser.set_defaults(handler=run)
 
@@ -112,6 +117,7 @@ def run_int8(args: argparse.Namespace) -> int:
     path, record = export_int8(
         model, out, calibration, validation, threshold=args.threshold, model_metadata=metadata,
         max_auroc_drop=args.max_auroc_drop, max_au_pro_drop=args.max_au_pro_drop, max_score_error=args.max_score_error,
+        max_spread_change=args.max_spread_change,
     )  # fmt: skip
     record_path = path.with_suffix(".json")
     write_run_record(record_path, {"model": str(args.model), "model_tensor_sha256": metadata.get("tensor_sha256"), "out": str(path), "data": str(Path(args.data) / args.category), **record})
@@ -122,8 +128,10 @@ def run_int8(args: argparse.Namespace) -> int:
         f"wrote {path} and {record_path.name}: layers kept in float: {kept} ({len(record['float_convolutions'])} of "
         f"{record['n_convolutions']} convolutions); held-out vs synthetic defects, fp32 -> int8: image AUROC "
         f"{fp32['image_auroc']:.4f} -> {int8['image_auroc']:.4f}, AU-PRO {fp32['au_pro']:.4f} -> {int8['au_pro']:.4f}; "
-        f"held-out score error {int8['validation_score_error_mean']:.4f}; acceptance test (drops <= {acceptance['max_image_auroc_drop']} "
-        f"and {acceptance['max_au_pro_drop']}, error <= {acceptance['max_score_error']}) {'passed' if record['accepted'] else 'FAILED'}; "
+        f"held-out score error {int8['validation_score_error_mean']:.4f}, map spreads {int8['map_spread_change']['local']:+.0%} "
+        f"(local) {int8['map_spread_change']['global']:+.0%} (global); acceptance test (drops <= {acceptance['max_image_auroc_drop']} "
+        f"and {acceptance['max_au_pro_drop']}, error <= {acceptance['max_score_error']}, spreads within "
+        f"{acceptance['max_map_spread_change']:.0%}) {'passed' if record['accepted'] else 'FAILED'}; "
         f"threshold {record['threshold']:.4f}; {record['seconds']:.0f} s"
     )
     if not record["accepted"]:

@@ -27,7 +27,7 @@ import torch
 
 from .. import __version__
 from ..choices import EXPORT_FORMATS, INPUT_DTYPES, check_choice
-from ..config import INT8_MAX_AU_PRO_DROP, INT8_MAX_AUROC_DROP, INT8_MAX_SCORE_ERROR
+from ..config import INT8_MAX_AU_PRO_DROP, INT8_MAX_AUROC_DROP, INT8_MAX_SCORE_ERROR, INT8_MAX_SPREAD_CHANGE
 from ..errors import EfficientADError, first_line
 from ..files import atomic_write
 from ..model import EfficientADModel, check_format, load_model
@@ -286,6 +286,7 @@ def export_int8(
     max_auroc_drop: float = INT8_MAX_AUROC_DROP,
     max_au_pro_drop: float = INT8_MAX_AU_PRO_DROP,
     max_score_error: float = INT8_MAX_SCORE_ERROR,
+    max_spread_change: float = INT8_MAX_SPREAD_CHANGE,
     threads: int | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Quantise a model to int8 (:func:`~efficientad.deploy.quantize.quantize_int8`) and write it as OpenVINO IR.
@@ -315,6 +316,7 @@ def export_int8(
         max_auroc_drop=max_auroc_drop,
         max_au_pro_drop=max_au_pro_drop,
         max_score_error=max_score_error,
+        max_spread_change=max_spread_change,
         expected_validation_scores=metadata_in.get("validation_scores"),
         threads=threads,
     )

@@ -17,9 +17,12 @@ and why each step is here (MVTec AD bottle, ``benchmarks/int8_study.py``):
    the held-out images then score as in fp32 to about 0.001.
 4. The acceptance test asks what the user will: do defects still rank above good parts, and do the
    maps still find them? Image AUROC and AU-PRO of the held-out images against their synthetic
-   defects, int8 against fp32, each no more than a set amount lower. (Defect scores themselves are
-   about 10% lower in int8, through the re-measured quantiles; ranking does not change with that, so
-   it is not what is tested. On the test set the proxies moved as its own metrics did.)
+   defects, int8 against fp32, each no more than a set amount lower. And, on the held-out images
+   alone, each map's quantile spread, which weighs the two maps in the combined one: int8 noise
+   widened the teacher-student map's tail by 60% on bottle, re-weighting the maps, which pasted
+   defects did not show but the test set did (AUROC -0.011 on one model). Defect scores themselves
+   are about 10% lower in int8, through the re-measured quantiles; ranking does not change with
+   that, so it is not what is tested.
 5. Where the test fails, one pass ranks the layer groups by what keeping each in float recovers,
    and the best are kept in float, one more at a time, until the test passes.
 
@@ -42,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import INT8_CALIBRATION_IMAGES, INT8_MAX_AU_PRO_DROP, INT8_MAX_AUROC_DROP, INT8_MAX_SCORE_ERROR
+from ..config import INT8_CALIBRATION_IMAGES, INT8_MAX_AU_PRO_DROP, INT8_MAX_AUROC_DROP, INT8_MAX_SCORE_ERROR, INT8_MAX_SPREAD_CHANGE
 from ..errors import EfficientADError
 from ..evaluation.metrics import au_pro, image_auroc
 from ..model import MAP_PADDING, EfficientADModel, MapQuantiles, decision_threshold, image_scores, map_scale, measure_map_quantiles, normalize_maps, to_image_grid
@@ -200,7 +203,8 @@ class LabelledImages(NamedTuple):
             quantiles = measure_map_quantiles(raw[: self.n_normal], *quantile_levels)
         maps = to_image_grid(normalize_maps(raw, *map_scale(quantiles)), module.image_size)
         scores = image_scores(maps).double().numpy()
-        return Measured(raw, quantiles, scores, image_auroc(self.labels, scores), au_pro(self.masks, maps[:, 0].numpy()))
+        # Python floats: they go into the JSON record.
+        return Measured(raw, quantiles, scores, float(image_auroc(self.labels, scores)), float(au_pro(self.masks, maps[:, 0].numpy())))
 
 
 def layer_groups(module: FusedModel) -> dict[str, str]:
@@ -228,24 +232,43 @@ class AcceptanceBounds(NamedTuple):
     max_auroc_drop: float = INT8_MAX_AUROC_DROP
     max_au_pro_drop: float = INT8_MAX_AU_PRO_DROP
     max_score_error: float = INT8_MAX_SCORE_ERROR
+    max_spread_change: float = INT8_MAX_SPREAD_CHANGE
+
+
+def spread_changes(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """Relative change of each map's quantile spread (q0.995 - q0.9 of the held-out maps), which sets its weight."""
+    q, r = MapQuantiles(*candidate.double().tolist()), MapQuantiles(*reference.double().tolist())
+    return {
+        "local": (q.local_end - q.local_start) / (r.local_end - r.local_start) - 1.0,
+        "global": (q.global_end - q.global_start) / (r.global_end - r.global_start) - 1.0,
+    }
 
 
 def acceptance_check(reference: Measured, candidate: Measured, n_normal: int, bounds: AcceptanceBounds) -> dict[str, Any]:
     """The acceptance test of ``candidate`` against ``reference`` (the same images, the first ``n_normal`` normal).
 
-    ``shortfall`` is how far outside the bounds it lies, each excess in units of its own bound: 0 when
-    it passes, and what keeping layers in float has to bring down.
+    Besides the two proxies and the held-out score error, each map's quantile spread on the held-out
+    images may change by at most ``max_spread_change`` (relative): the spread is the map's divisor,
+    so int8 noise that widens one map's tail re-weights the two maps in the combined one, which
+    moves both the image ranking and the localisation, on defects of every kind, not only pasted
+    ones (bottle, seed 1: the local spread +61%, test AUROC -0.011; the teacher's last trunk
+    convolution in float: +10%, -0.002). ``shortfall`` is how far outside the bounds it lies, each
+    excess in units of its own bound: 0 when it passes, and what keeping layers in float has to bring down.
     """
     drops = {"image_auroc_drop": reference.image_auroc - candidate.image_auroc, "au_pro_drop": reference.au_pro - candidate.au_pro}
-    error = float(np.abs(candidate.scores[:n_normal] - reference.scores[:n_normal]).mean())
+    errors = np.abs(candidate.scores[:n_normal] - reference.scores[:n_normal])
+    error = float(errors.mean())
+    spreads = spread_changes(reference.quantiles, candidate.quantiles)
     shortfall = (
         max(0.0, drops["image_auroc_drop"] - bounds.max_auroc_drop) / bounds.max_auroc_drop
         + max(0.0, drops["au_pro_drop"] - bounds.max_au_pro_drop) / bounds.max_au_pro_drop
         + max(0.0, error - bounds.max_score_error) / bounds.max_score_error
+        + sum(max(0.0, abs(change) - bounds.max_spread_change) / bounds.max_spread_change for change in spreads.values())
     )
     return {
         "image_auroc": candidate.image_auroc, "au_pro": candidate.au_pro, **drops,
-        "validation_score_error_mean": error, "shortfall": shortfall, "passed": shortfall == 0.0,
+        "validation_score_error_mean": error, "validation_score_error_max": float(errors.max()),
+        "map_spread_change": spreads, "shortfall": float(shortfall), "passed": bool(shortfall == 0.0),
     }  # fmt: skip
 
 
@@ -297,6 +320,7 @@ def quantize_int8(
     max_auroc_drop: float = INT8_MAX_AUROC_DROP,
     max_au_pro_drop: float = INT8_MAX_AU_PRO_DROP,
     max_score_error: float = INT8_MAX_SCORE_ERROR,
+    max_spread_change: float = INT8_MAX_SPREAD_CHANGE,
     expected_validation_scores: Sequence[float] | None = None,
     threads: int | None = None,
 ) -> Int8Model:
@@ -308,8 +332,9 @@ def quantize_int8(
     threshold are measured again. ``quantile_levels`` and ``false_positive_rate`` are the model's
     training settings. The record's ``accepted`` says whether, against the same model in fp32, the
     image AUROC and AU-PRO of the held-out images against their synthetic defects fell by at most
-    ``max_auroc_drop`` and ``max_au_pro_drop``, and the held-out images' scores moved by at most
-    ``max_score_error`` on average (0.1 is a normal image's rare extreme).
+    ``max_auroc_drop`` and ``max_au_pro_drop``, the held-out images' scores moved by at most
+    ``max_score_error`` on average (0.1 is a normal image's rare extreme), and each map's quantile
+    spread on them by at most ``max_spread_change`` (relative), see :func:`acceptance_check`.
     ``expected_validation_scores`` (the model file's) prove that ``validation`` are the images the
     model was calibrated on.
     """
@@ -335,7 +360,7 @@ def quantize_int8(
     if expected_validation_scores is not None:
         _check_same_images(scores_of(reference.raw[:n], model.map_quantiles, module.image_size), expected_validation_scores)
 
-    bounds = AcceptanceBounds(max_auroc_drop, max_au_pro_drop, max_score_error)
+    bounds = AcceptanceBounds(max_auroc_drop, max_au_pro_drop, max_score_error, max_spread_change)
 
     def verdict(candidate: Measured) -> dict[str, Any]:
         return acceptance_check(reference, candidate, n, bounds)
@@ -393,10 +418,11 @@ def quantize_int8(
         "acceptance": {
             "images": "the held-out normal images against their synthetic defects",
             "fp32": {"image_auroc": reference.image_auroc, "au_pro": reference.au_pro},
-            "int8": {key: check[key] for key in ("image_auroc", "au_pro", "image_auroc_drop", "au_pro_drop", "validation_score_error_mean")},
+            "int8": {key: check[key] for key in ("image_auroc", "au_pro", "image_auroc_drop", "au_pro_drop", "validation_score_error_mean", "map_spread_change")},
             "max_image_auroc_drop": max_auroc_drop,
             "max_au_pro_drop": max_au_pro_drop,
             "max_score_error": max_score_error,
+            "max_map_spread_change": max_spread_change,
         },
         "trials": trials,
         "drift": {
