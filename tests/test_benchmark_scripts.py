@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,3 +93,42 @@ def test_serve_attacks_measures_lockout_memory_and_refusals(tmp_path):
     assert result["memory_mb"]["after_eight_36mp_heatmaps_at_once"]["answers"] == [200] * 8
     assert result["predict_64mp_with_overlay"]["returncode"] == 0
     assert result["healthy_at_end"]
+
+
+def test_anomalib_side_by_side_runs_ours_over_seeds_and_maps_the_teacher_to_anomalib_names(tmp_path):
+    """Where anomalib is absent (as in CI) only our runs are made, and the report says so."""
+    from PIL import Image
+
+    from efficientad.networks import pdn
+
+    make_dataset(tmp_path / "mvtec", "bottle", n_train=6, n_test_good=2, n_test_defect=2, size=256)
+    penalty = tmp_path / "imagenet"
+    penalty.mkdir()
+    for index in range(3):
+        Image.fromarray(np.random.default_rng(index).integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(penalty / f"{index}.jpg")
+    teacher = tmp_path / "teacher.pth"
+    torch.save(pdn("s").state_dict(), teacher)  # the reference layout: nn.Sequential convolutions 0, 3, 6, 8
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from anomalib_side_by_side import anomalib_teacher_state
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    renamed = anomalib_teacher_state(teacher)
+    assert sorted(renamed) == sorted(f"conv{i}.{kind}" for i in range(1, 5) for kind in ("weight", "bias"))
+    assert torch.equal(renamed["conv4.weight"], torch.load(teacher, weights_only=True)["8.weight"])
+
+    json_path = tmp_path / "side.json"
+    command = [sys.executable, str(BENCHMARKS / "anomalib_side_by_side.py"), "--steps", "2", "--seeds", "0", "1",
+               "--data", str(tmp_path / "mvtec"), "--teacher", str(teacher), "--penalty-images", str(penalty), "--json", str(json_path)]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = json.loads(json_path.read_text())
+    runs = [run for run in result["runs"] if run["tool"] == "efficientad"]
+    assert [(run["steps"], run["seed"]) for run in runs] == [(2, 0), (2, 1)]
+    assert all(0.0 <= run["image_auroc"] <= 1.0 and len(run["scores"]) == 4 for run in runs)
+    (summary,) = result["summary"]
+    assert summary["efficientad"]["mean"] == pytest.approx(np.mean([run["image_auroc"] for run in runs]))
+    if result["anomalib"] is not None:  # anomalib is not installed: nothing of it is claimed
+        assert "anomalib" not in summary and "not importable" in result["anomalib"]
+    assert "| 2 |" in json_path.with_suffix(".md").read_text()
