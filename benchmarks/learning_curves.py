@@ -34,7 +34,10 @@ device computes bf16 natively, else fp32.
 
 The JSON (``--json``) is rewritten after every run, so a stopped measurement keeps the runs it
 finished; ``--resume`` keeps them and runs only the missing ones (the settings and the machine must
-be the same, since wall-clock is measured). Then the report is written beside it: NAME.md (every
+be the same, since wall-clock is measured). A run in progress also saves itself every
+``--checkpoint-every`` minutes (training's own checkpoint, with the points scored so far) to
+NAME.checkpoints/ beside the JSON, and ``--resume`` continues it from there, bit for bit: a
+5,000-step run takes longer than a working session on a CPU without native bf16 (2.7-3 s a step). Then the report is written beside it: NAME.md (every
 point, mean and spread over seeds, the issue's target) and NAME.png (AUROC against steps and
 against training seconds).
 """
@@ -233,18 +236,27 @@ def train_with_snapshots(
     checkpoints: Sequence[int],
     score: Callable[[Any], dict[str, Any]],
     progress: bool = False,
+    checkpoint=None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train as ``efficientad train`` does, calling ``score(model)`` after each of ``checkpoints`` steps.
 
     Returns train_networks' history and one point per checkpoint: ``step``, ``seconds`` (training so
     far, without scoring), ``eval_seconds``, ``lr_dropped`` and what ``score`` returned. The model
     trains as it would without the snapshots (tested bit for bit).
+
+    ``checkpoint`` (training's :class:`~efficientad.training.checkpoint.Checkpointing`) saves the run
+    with the points so far, and continues the one in ``checkpoint.resume`` with its points.
     """
     from efficientad.training.train import train_networks
 
     wanted = set(checkpoints)
-    points: list[dict[str, Any]] = []
-    scoring = 0.0  # seconds spent in score so far
+    resume = None if checkpoint is None else checkpoint.resume
+    points: list[dict[str, Any]] = [] if resume is None else list(resume["benchmark_points"])
+    # Training's seconds include the scoring done in on_step; the points' exclude it, resumed or not.
+    seconds_before = 0.0 if resume is None else resume["seconds"] - sum(point["eval_seconds"] for point in points)
+    if checkpoint is not None:
+        checkpoint.identity["benchmark_points"] = points  # the same list: each checkpoint holds the points made by then
+    scoring = 0.0  # seconds spent in score so far in this session
 
     def on_step(step: int, _losses: dict[str, float]) -> None:
         nonlocal scoring
@@ -252,7 +264,7 @@ def train_with_snapshots(
         if done not in wanted:
             return
         tic = time.perf_counter()
-        seconds = tic - started - scoring
+        seconds = seconds_before + tic - started - scoring
         point = {"step": done, "seconds": seconds, **score(model)}
         point["eval_seconds"] = time.perf_counter() - tic
         scoring += point["eval_seconds"]
@@ -262,19 +274,48 @@ def train_with_snapshots(
                   file=sys.stderr)
 
     started = time.perf_counter()
-    history = train_networks(model, train, config, penalty, progress, on_step, validation_images=validation)
+    history = train_networks(model, train, config, penalty, progress, on_step, validation_images=validation, checkpoint=checkpoint)
     for point in points:
         point["lr_dropped"] = point["step"] > history["lr_drop_step"]
     return history, points
 
 
-def run_curve(category: str, split, schedule: Schedule, seed: int, setup: Setup, teacher, penalty, progress: bool) -> dict[str, Any]:
-    """One training run of ``schedule`` on ``split``'s category, scored at its checkpoints: one run of the JSON."""
+def run_curve(
+    category: str,
+    split,
+    schedule: Schedule,
+    seed: int,
+    setup: Setup,
+    teacher,
+    penalty,
+    progress: bool,
+    checkpoint_path: Path | None = None,
+    checkpoint_every: float = 0.0,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """One training run of ``schedule`` on ``split``'s category, scored at its checkpoints: one run of the JSON.
+
+    With ``checkpoint_path`` the run saves itself there every ``checkpoint_every`` seconds and, with
+    ``resume``, continues from the checkpoint it finds there; the file is removed when the run ends.
+    """
     import torch
 
+    from efficientad.errors import EfficientADError
     from efficientad.model import EfficientADModel
+    from efficientad.training.checkpoint import Checkpointing, check_same_config, read_checkpoint
 
     config = schedule.config(setup, seed)
+    checkpoint = None
+    if checkpoint_path is not None:
+        this_run = {"category": category, "schedule": schedule.record(), "seed": seed, "setup": asdict(setup)}
+        saved = read_checkpoint(checkpoint_path) if resume and checkpoint_path.is_file() else None
+        if saved is not None:
+            if saved.get("benchmark_run") != this_run:
+                raise EfficientADError(f"{checkpoint_path} holds another run ({saved.get('benchmark_run')}): remove it")
+            check_same_config(saved, config.as_dict(), checkpoint_path)
+            if progress:
+                print(f"  resuming from step {saved['step']:,} ({checkpoint_path})", file=sys.stderr)
+        checkpoint = Checkpointing(checkpoint_path, checkpoint_every, {"benchmark_run": this_run, "config": config.as_dict()}, saved)
     train, validation = held_out(split, config)
     torch.manual_seed(seed)  # the networks' initialisation, seeded as EfficientAD.fit seeds it
     model = EfficientADModel(config.model_size, config.image_size)
@@ -282,8 +323,10 @@ def run_curve(category: str, split, schedule: Schedule, seed: int, setup: Setup,
     model.to(setup.device)
     history, points = train_with_snapshots(
         model, train, validation, config, penalty, schedule.checkpoints,
-        lambda snapshot: score_snapshot(snapshot, validation, split, config), progress,
+        lambda snapshot: score_snapshot(snapshot, validation, split, config), progress, checkpoint,
     )  # fmt: skip
+    if checkpoint_path is not None:
+        checkpoint_path.unlink(missing_ok=True)
     return {
         "category": category,
         "format": split.format,
@@ -322,6 +365,11 @@ def resumed_runs(path: Path, setup: Setup, system: dict[str, Any], schedules: Se
     return stored["runs"]
 
 
+def checkpoint_folder(json_path: Path) -> Path:
+    """Where the runs in progress of the measurement written to ``json_path`` keep their checkpoints."""
+    return json_path.with_name(f"{json_path.stem}.checkpoints")
+
+
 def load_splits(categories: dict[str, Dataset]) -> tuple[dict[str, Any], dict[str, str]]:
     """Each category's files, and why those that cannot be found are skipped."""
     from efficientad.data.datasets import load_split
@@ -344,8 +392,13 @@ def measure(
     json_path: Path,
     resume: bool = False,
     progress: bool = True,
+    checkpoint_every: float = 600.0,
 ) -> dict[str, Any]:
-    """Run each (category, seed, schedule) not yet in ``json_path``, rewriting it after each run; returns its record."""
+    """Run each (category, seed, schedule) not yet in ``json_path``, rewriting it after each run; returns its record.
+
+    Runs in progress save themselves every ``checkpoint_every`` seconds (0: never) to
+    :func:`checkpoint_folder`; with ``resume`` a run continues from its checkpoint there.
+    """
     import warnings
 
     from efficientad.config import TrainConfig, default
@@ -386,7 +439,10 @@ def measure(
     for category, seed, schedule in pending:
         if progress:
             print(f"{category}, schedule {schedule.name} ({schedule.steps:,} steps), seed {seed}:", file=sys.stderr)
-        record["runs"].append(run_curve(category, splits[category], schedule, seed, setup, teacher, penalty, progress))
+        checkpoint = checkpoint_folder(json_path) / f"{category}-{schedule.name}-seed{seed}.pt" if checkpoint_every else None
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        record["runs"].append(run_curve(category, splits[category], schedule, seed, setup, teacher, penalty, progress, checkpoint, checkpoint_every, resume))
         write_run_record(json_path, record)
     write_run_record(json_path, record)
     return record
@@ -598,7 +654,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the result, rewritten after each run; the report goes beside it as .md and .png "
         "(default: benchmarks/results/learning_curves.json)",
     )  # fmt: skip
-    parser.add_argument("--resume", action="store_true", help="keep the runs already in --json and run only the missing ones")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="keep the runs already in --json, continue a stopped run from its checkpoint, and run the missing ones",
+    )  # fmt: skip
+    parser.add_argument(
+        "--checkpoint-every", type=float, default=10.0, metavar="MINUTES",
+        help="a run in progress saves itself this often to NAME.checkpoints/ beside --json; 0: never (default: 10)",
+    )  # fmt: skip
     parser.add_argument("--report", action="store_true", help="train nothing: write the report from --json")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-checkpoint lines")
     args = parser.parse_args(argv)
@@ -617,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
             precision = auto_precision(args.device) if args.precision == "auto" else args.precision
             setup = Setup(args.teacher, None if args.no_penalty else args.penalty_images, precision, precision == "bf16", args.device)
             categories = dict(args.category or KNOWN_DATASETS.items())
-            record = measure(categories, args.seeds, schedules, setup, args.json, args.resume, not args.quiet)
+            record = measure(categories, args.seeds, schedules, setup, args.json, args.resume, not args.quiet, 60.0 * args.checkpoint_every)
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
     except (EfficientADError, OSError) as error:

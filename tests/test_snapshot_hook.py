@@ -99,3 +99,45 @@ def test_scoring_snapshots_as_the_benchmark_does_leaves_training_bit_identical(c
     assert _same(scored.state_dict(), plain.state_dict())
     # The learning curve too, but for its wall-clock seconds.
     assert [point["validation"] for point in history["curve"]] == [point["validation"] for point in plain_history["curve"]]
+
+
+def test_a_learning_curve_run_stopped_mid_way_resumes_from_its_checkpoint_bit_for_bit(cheap_steps, tiny, tmp_path):
+    """A 5,000-step curve outlasts a working session on a CPU without bf16: it must survive a stop."""
+    from efficientad.training.checkpoint import Checkpointing, read_checkpoint
+
+    learning_curves = _learning_curves_module()
+    config = TrainConfig(steps=4, validate_every=2)
+    train, validation = learning_curves.held_out(tiny.split, config)
+
+    def score(snapshot):
+        return learning_curves.score_snapshot(snapshot, validation, tiny.split, config)
+
+    def run(checkpoint=None, score=score):
+        torch.manual_seed(0)
+        model = EfficientADModel("s", (256, 256))
+        history, points = learning_curves.train_with_snapshots(model, train, validation, config, None, (2, 4), score, checkpoint=checkpoint)
+        return model, points
+
+    whole, whole_points = run()
+
+    path = tmp_path / "run.pt"
+    calls = []
+
+    def stopped_at_the_last_point(snapshot):
+        calls.append(1)
+        if len(calls) == 2:  # the point at step 4: the session ends before it
+            raise KeyboardInterrupt
+        return score(snapshot)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(Checkpointing(path, 1e-9, {}), stopped_at_the_last_point)  # saves after every step
+    saved = read_checkpoint(path)
+    assert saved["step"] == 3 and [point["step"] for point in saved["benchmark_points"]] == [2]
+
+    before = dict(saved["benchmark_points"][0])
+    resumed, points = run(Checkpointing(path, 1e-9, {}, saved))
+    assert _same(resumed.state_dict(), whole.state_dict())
+    assert [point["step"] for point in points] == [2, 4]
+    assert [point["image_auroc"] for point in points] == [point["image_auroc"] for point in whole_points]
+    assert {key: points[0][key] for key in before} == before  # the point made before the stop is kept, not redone
+    assert 0 < points[0]["seconds"] < points[1]["seconds"]
