@@ -224,6 +224,18 @@ def test_float_layer_search_keeps_the_groups_that_recover_most_until_it_passes()
     kept, outcome = search_float_layers(list(recovers), lambda kept: passing.append(kept) or Trial(None, {"shortfall": 0.0, "passed": True}))
     assert kept == [] and passing == [[]]  # all int8 passed: nothing else is tried
 
+    # Only fp32 (every group in float) would pass: it is not tried, and the closest trial comes back, failed.
+    tried.clear()
+    recovers["global_head"] = -0.25  # keeping it in float makes things worse
+    kept, outcome = search_float_layers(list(recovers), lambda kept: trial(kept) if len(kept) < len(recovers) else pytest.fail("fp32 tried"))
+    assert kept == ["teacher_head", "autoencoder decoder"] and outcome.check["passed"]
+    recovers.update({"teacher_head": 0.25, "autoencoder decoder": 0.125, "student_trunk.3": 0.0625})
+    tried.clear()
+    kept, outcome = search_float_layers(list(recovers), trial)
+    assert len(tried) == 1 + 4 + 2 and all(len(kept) < 4 for kept in tried)
+    assert kept == ["teacher_head", "autoencoder decoder", "student_trunk.3"] and not outcome.check["passed"]
+    assert outcome.check["shortfall"] == 0.75 - 0.4375
+
 
 def test_layer_groups_name_every_network_convolution_once(tiny):
     module = FusedModel(load_model(tiny.path)[0], fuse_local_head=False)
