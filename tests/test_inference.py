@@ -105,7 +105,20 @@ def test_output_size_and_channels_last_session(calibrated):
     np.testing.assert_allclose(output.score, reference.score[:1].numpy(), atol=1e-6, rtol=0)
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 on this CPU")
+@pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True), (False, True, True)])
+def test_bf16_is_native_only_with_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, native):
+    """oneDNN also offers bf16 on AVX-512 CPUs without BF16, emulated: auto must not take that for native."""
+    from efficientad.device import check_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert cpu_supports_bf16() is native
+    if not native:
+        with pytest.raises(EfficientADError, match="no native bf16"):
+            check_precision("bf16", torch.device("cpu"))
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16 or AMX)")
 def test_bf16_session_stays_close(calibrated):
     model, images, reference = calibrated
     module = FusedModel(model)

@@ -27,9 +27,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def cpu_supports_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels here (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    """Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow.
+
+    Asked of the CPU's instruction sets, not of ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``:
+    that also says yes on AVX-512 CPUs without BF16 (an Ice Lake Xeon here), where oneDNN emulates
+    bf16 (README, "Precision").
+    """
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
 
