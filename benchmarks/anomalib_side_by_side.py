@@ -10,9 +10,8 @@ teacher_small_r18.pth``, loaded into anomalib's ``conv1..conv4``), the same pena
 number of steps and the same held-out images: ours holds out a seeded 10% of the training images
 (:func:`learning_curves.held_out`, as ``EfficientAD.fit`` does) and anomalib gets exactly those as
 its validation set (they depend on the seed), on which it measures its map quantiles, and trains
-on the rest. Each tool then
-scores bottle's 83 test images; the image AUROC is computed from the raw scores by scikit-learn for
-both.
+on the rest. Each tool then scores bottle's 83 test images; the image AUROC is computed from the raw
+scores by scikit-learn for both.
 
 anomalib is driven by its own code: its ``EfficientAd`` LightningModule builds the networks, the
 ImageNet loader (``prepare_imagenette_data``), the teacher statistics
@@ -49,7 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -69,11 +68,18 @@ def anomalib_teacher_state(path: Path) -> dict[str, Any]:
     return {f"conv{indices.index(int(key.split('.')[0])) + 1}.{key.split('.', 1)[1]}": value for key, value in state.items()}
 
 
-class Batch:
+class Batch(NamedTuple):
     """What anomalib's statistics methods read of a batch: the images and their labels (0: good)."""
 
-    def __init__(self, image, gt_label):
-        self.image, self.gt_label = image, gt_label
+    image: Any
+    gt_label: Any
+
+
+def good_batches(images) -> list[Batch]:
+    """Float images (N, 3, H, W) as anomalib's statistics methods iterate them: batches of one good image."""
+    import torch
+
+    return [Batch(images[i : i + 1], torch.zeros(1)) for i in range(len(images))]
 
 
 def train_anomalib(train, validation, test_images, teacher: Path, penalty_dir: Path, steps: int, seed: int) -> dict[str, Any]:
@@ -94,7 +100,7 @@ def train_anomalib(train, validation, test_images, teacher: Path, penalty_dir: P
         module.prepare_imagenette_data(size)
         started = time.perf_counter()
         images = train.float() / 255
-        module.model.mean_std.update(module.teacher_channel_mean_std([Batch(images[i : i + 1], torch.zeros(1)) for i in range(len(images))]))
+        module.model.mean_std.update(module.teacher_channel_mean_std(good_batches(images)))
         optimizer = torch.optim.Adam(list(module.model.student.parameters()) + list(module.model.ae.parameters()), lr=module.lr, weight_decay=module.weight_decay)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(0.95 * steps), gamma=0.1)
         module.model.train()
@@ -118,8 +124,7 @@ def train_anomalib(train, validation, test_images, teacher: Path, penalty_dir: P
         train_seconds = time.perf_counter() - started
         module.model.eval()
         with torch.no_grad():
-            held_out = validation.float() / 255
-            module.model.quantiles.update(module.map_norm_quantiles([Batch(held_out[i : i + 1], torch.zeros(1)) for i in range(len(held_out))]))
+            module.model.quantiles.update(module.map_norm_quantiles(good_batches(validation.float() / 255)))
             scores = [float(module.model(torch.from_numpy(image[None])).pred_score.reshape(-1)[0]) for image in test_images]
     return {"scores": scores, "train_seconds": train_seconds, "final_learning_rate": optimizer.param_groups[0]["lr"]}
 

@@ -37,9 +37,9 @@ finished; ``--resume`` keeps them and runs only the missing ones (the settings a
 be the same, since wall-clock is measured). A run in progress also saves itself every
 ``--checkpoint-every`` minutes (training's own checkpoint, with the points scored so far) to
 NAME.checkpoints/ beside the JSON, and ``--resume`` continues it from there, bit for bit: a
-5,000-step run takes longer than a working session on a CPU without native bf16 (2.7-3 s a step). Then the report is written beside it: NAME.md (every
-point, mean and spread over seeds, the issue's target) and NAME.png (AUROC against steps and
-against training seconds).
+5,000-step run takes longer than a working session on a CPU without native bf16 (2.7-3 s a
+step). Then the report is written beside it: NAME.md (every point, mean and spread over seeds, the
+issue's target) and NAME.png (AUROC against steps and against training seconds).
 """
 
 from __future__ import annotations
