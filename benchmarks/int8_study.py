@@ -11,7 +11,12 @@ category's test set, which decides nothing here:
 * ``fused local head``: teacher and student last convolutions as one convolution over both
   trunks' outputs (the float deployment's graph), all int8;
 * ``heads apart``: the export's graph, all int8;
-* ``heads apart, X in float``: each layer group of the export's sensitivity pass kept in float alone.
+* ``heads apart, X in float``: each layer group of the export's sensitivity pass kept in float alone;
+* ``heads apart, after N QAT steps`` (``--qat-steps N``): the networks fine-tuned for N steps with
+  fake quantisation first (``export --qat-steps``), all int8; and the same fine-tuned networks in
+  fp32, to tell what the fine-tuning changed from what int8 then does.
+
+``--no-float-groups`` leaves out the per-group variants (about a minute each on 2 cores).
 
 Map quantiles are measured again on each variant's held-out maps, as the export does.
 """
@@ -36,6 +41,9 @@ def main() -> int:
     parser.add_argument("--model", required=True, help="a model.pt trained on --category")
     parser.add_argument("--category", choices=CATEGORIES, default="bottle")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--qat-steps", type=int, nargs="*", default=[], help="quantisation-aware fine-tuning lengths to try")
+    parser.add_argument("--qat-learning-rate", type=float, default=None, help="their learning rate (default: export's)")
+    parser.add_argument("--no-float-groups", action="store_true", help="skip the variants that keep one layer group in float")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "int8_study.json")
     args = parser.parse_args()
 
@@ -43,7 +51,7 @@ def main() -> int:
     from efficientad.data.images import load_images, to_float
     from efficientad.deploy.fused import FusedModel
     from efficientad.deploy.graphs import openvino_model
-    from efficientad.deploy.quantize import AcceptanceBounds, LabelledImages, acceptance_check, layer_groups, outside_networks, quantization_images, require_nncf
+    from efficientad.deploy.quantize import AcceptanceBounds, LabelledImages, acceptance_check, layer_groups, post_training_int8, quantization_images, require_nncf
     from efficientad.deploy.runtimes import OpenVinoSession
     from efficientad.deploy.speed import system_info
     from efficientad.files import write_run_record
@@ -72,21 +80,38 @@ def main() -> int:
         return on_acceptance, {"image_auroc": round(on_test.image_auroc, 4), "au_pro": round(on_test.au_pro, 4)}
 
     modules = {"fused": FusedModel(model), "apart": FusedModel(model, fuse_local_head=False)}
+    fine_tuning = {}
+    if args.qat_steps:
+        from efficientad.config import QAT_LEARNING_RATE
+        from efficientad.deploy.quantize import held_out_split
+        from efficientad.training.penalty import PenaltyImages
+        from efficientad.training.quantization_aware import fine_tune_for_int8
+
+        train_paths, _ = held_out_split(metadata, root, args.category, layout)
+        train_images = load_images(train_paths, size)
+        penalty = PenaltyImages(SHARED / "imagenet_samples", size)
+        config = metadata["config"]
+        for steps in args.qat_steps:
+            tuned = fine_tune_for_int8(
+                model, train_images, calibration, steps=steps, learning_rate=args.qat_learning_rate or QAT_LEARNING_RATE, penalty_images=penalty, seed=config["seed"]
+            )
+            modules[f"qat{steps}"] = tuned.module
+            fine_tuning[steps] = tuned.record
     graphs = {name: openvino_model(module) for name, module in modules.items()}
     reference, reference_test = measured(graphs["apart"], modules["apart"])
     rows = [{"variant": "fp32", "proxy": {"image_auroc": reference.image_auroc, "au_pro": reference.au_pro}, "test": reference_test}]
 
     def quantised(name: str, kept: list[str]):
-        module = modules[name]
-        groups = layer_groups(module)
-        scope = nncf.IgnoredScope(patterns=[outside_networks(module), *(groups[group] for group in kept)], validate=False)
-        return nncf.quantize(graphs[name], nncf.Dataset(calibration), subset_size=len(calibration), preset=nncf.QuantizationPreset.MIXED, ignored_scope=scope)
+        return post_training_int8(graphs[name], modules[name], calibration, kept)
 
     variants = [("fused local head", "fused", []), ("heads apart", "apart", [])]
-    variants += [(f"heads apart, {group} in float", "apart", [group]) for group in layer_groups(modules["apart"])]
+    if not args.no_float_groups:
+        variants += [(f"heads apart, {group} in float", "apart", [group]) for group in layer_groups(modules["apart"])]
+    for steps in args.qat_steps:
+        variants += [(f"fp32 after {steps} QAT steps", f"qat{steps}", None), (f"heads apart, after {steps} QAT steps", f"qat{steps}", [])]
     for label, name, kept in variants:
         started = time.perf_counter()
-        result, on_test = measured(quantised(name, kept), modules[name])
+        result, on_test = measured(graphs[name] if kept is None else quantised(name, kept), modules[name])
         check = acceptance_check(reference, result, acceptance.n_normal, AcceptanceBounds())
         row = {
             "variant": label,
@@ -103,7 +128,7 @@ def main() -> int:
         "benchmark": "int8_study", "model": str(args.model), "category": args.category,
         "n_calibration_images": len(calibration), "n_validation_images": acceptance.n_normal,
         "n_synthetic_defect_images": len(acceptance.images) - acceptance.n_normal, "n_test_images": len(test.images),
-        "nncf": nncf.__version__, "variants": rows, "system": system_info(threads=args.threads),
+        "nncf": nncf.__version__, "quantization_aware_fine_tuning": fine_tuning, "variants": rows, "system": system_info(threads=args.threads),
     })  # fmt: skip
     print(f"wrote {args.json}")
     return 0

@@ -1,6 +1,7 @@
 """int8 export with accuracy control, and the precision that ``auto`` chooses."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -16,8 +17,11 @@ from efficientad.deploy.quantize import (
     AcceptanceBounds,
     Measured,
     Trial,
+    _range_with_zero,
     acceptance_check,
+    input_range,
     layer_groups,
+    outside_networks,
     quantization_images,
     raw_maps_of,
     search_float_layers,
@@ -220,6 +224,13 @@ def test_float_layer_search_keeps_the_groups_that_recover_most_until_it_passes()
     # All int8, each group alone, then the two best together (the best alone is not tried again).
     assert tried == [[], ["teacher_head"], ["student_trunk.3"], ["autoencoder decoder"], ["global_head"], ["teacher_head", "autoencoder decoder"]]
 
+    # A group that passes alone ends the search: no other can keep fewer in float.
+    tried.clear()
+    recovers["student_trunk.3"] = 0.75
+    kept, outcome = search_float_layers(list(recovers), trial)
+    assert kept == ["student_trunk.3"] and outcome.check["passed"] and tried == [[], ["teacher_head"], ["student_trunk.3"]]
+    recovers["student_trunk.3"] = 0.125
+
     passing = []
     kept, outcome = search_float_layers(list(recovers), lambda kept: passing.append(kept) or Trial(None, {"shortfall": 0.0, "passed": True}))
     assert kept == [] and passing == [[]]  # all int8 passed: nothing else is tried
@@ -242,8 +253,34 @@ def test_layer_groups_name_every_network_convolution_once(tiny):
     groups = layer_groups(module)
     assert list(groups)[:4] == ["teacher_trunk.0", "teacher_trunk.3", "teacher_trunk.6", "student_trunk.0"]
     assert {"teacher_head", "student_local_head", "global_head", "autoencoder encoder", "autoencoder decoder"} <= set(groups)
-    import re
 
     onnx_names = [f"/{name.split('.')[0]}/{name}/Conv" if "." in name else f"/{name}/Conv" for name, layer in module.named_modules() if isinstance(layer, torch.nn.Conv2d)]
     for node in onnx_names:
         assert sum(bool(re.match(pattern, node)) for pattern in groups.values()) == 1, node
+
+
+def test_the_networks_input_is_quantised_over_every_colour_an_image_can_have(int8_run):
+    """NNCF measures the input's range on good images only; the export widens it so that a defect of
+    another colour is not clipped before the networks see it, and keeps zero exactly representable."""
+    import openvino as ov
+
+    model_path, _, _ = int8_run
+    module = FusedModel(load_model(model_path)[0], fuse_local_head=False)
+    low, high = input_range(module)
+    assert (low, high) == pytest.approx((-0.485, 1 - 0.406), abs=1e-6)  # ImageNet's mean colour
+    graph = ov.Core().read_model(str(int8_path(model_path)))
+    outside = re.compile(outside_networks(module))
+    inputs = [op for op in graph.get_ordered_ops() if op.get_type_name() == "FakeQuantize" and outside.match(op.input_value(0).get_node().get_friendly_name())]
+    assert len(inputs) == 1  # one quantiser feeds the three networks' first convolutions
+    start, end = (float(inputs[0].input_value(index).get_node().get_data().flatten()[0]) for index in (1, 2))
+    assert start <= low and end >= high and (end - start) < 1.01 * (high - low)
+    step = (end - start) / 255
+    assert -start / step == pytest.approx(round(-start / step), abs=1e-3)
+
+
+@pytest.mark.parametrize("low, high", [(-0.485, 0.594), (-1.0, 0.001), (-0.1, 3.0)])
+def test_range_with_zero_covers_the_range_with_zero_on_the_grid(low, high):
+    start, end = _range_with_zero(low, high)
+    assert start <= low and end >= high and end - start < 1.02 * (high - low)
+    step = (end - start) / 255
+    assert -start / step == pytest.approx(round(-start / step), abs=1e-6)

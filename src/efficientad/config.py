@@ -249,6 +249,8 @@ INT8_MAX_AUROC_DROP = 0.005
 INT8_MAX_AU_PRO_DROP = 0.01
 INT8_MAX_SCORE_ERROR = 0.01
 INT8_MAX_SPREAD_CHANGE = 0.15
+# Quantisation-aware fine-tuning before int8 (export --qat-steps): the paper's final learning rate.
+QAT_LEARNING_RATE = 1e-5
 # The speed protocol: timed batch-1 runs after untimed warm-up runs, throughput at this batch size.
 BENCH_RUNS = 50
 BENCH_WARMUP = 10

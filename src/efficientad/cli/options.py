@@ -191,16 +191,16 @@ def say_precision(inferencer) -> None:
     print(f"precision: {inferencer.reason or inferencer.precision}", file=sys.stderr, flush=True)
 
 
-def positive(cast: type[int] | type[float]):
-    """An argparse ``type`` that reads a number with ``cast`` and refuses zero and negatives."""
+def positive(cast: type[int] | type[float], allow_zero: bool = False):
+    """An argparse ``type`` that reads a number with ``cast`` and refuses negatives and, unless ``allow_zero``, zero."""
 
     def parse(text: str) -> int | float:
         try:
             value = cast(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value >= 0 if allow_zero else value > 0):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if allow_zero else '>'} 0, got {text}")
         return value
 
     parse.__name__ = cast.__name__  # argparse names the type in its own messages

@@ -288,6 +288,7 @@ def export_int8(
     max_score_error: float = INT8_MAX_SCORE_ERROR,
     max_spread_change: float = INT8_MAX_SPREAD_CHANGE,
     threads: int | None = None,
+    fine_tuned: tuple[FusedModel, dict[str, Any]] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Quantise a model to int8 (:func:`~efficientad.deploy.quantize.quantize_int8`) and write it as OpenVINO IR.
 
@@ -295,7 +296,8 @@ def export_int8(
     (1, 3, H, W) batches (see :func:`~efficientad.deploy.quantize.quantization_images`). The file embeds
     the threshold measured on the int8 model (unless ``threshold`` is given) and the calibration
     record, which is also returned; it is written whether or not it passed its acceptance test
-    (``record["accepted"]``), and ``precision="auto"`` uses it only if it passed.
+    (``record["accepted"]``), and ``precision="auto"`` uses it only if it passed. ``fine_tuned``: the
+    networks after quantisation-aware fine-tuning, with its record, to quantise instead.
     """
     from .quantize import quantize_int8
 
@@ -319,6 +321,7 @@ def export_int8(
         max_spread_change=max_spread_change,
         expected_validation_scores=metadata_in.get("validation_scores"),
         threads=threads,
+        fine_tuned=fine_tuned,
     )
     module = FusedModel(model)
     metadata = inference_metadata(module, result.threshold if threshold is None else threshold, {**metadata_in, "inference_precision": "int8"})

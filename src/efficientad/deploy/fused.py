@@ -163,16 +163,20 @@ class FusedModel(nn.Module):
         self.register_buffer("map_gain", gain)
         self.register_buffer("map_offset", offset)
 
-    def raw_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """Un-normalised (local, global) maps at the feature grid, (N, 2, h, w), float32."""
+    def differences(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher minus student, and autoencoder minus student, per channel at the feature grid: (N, 384, h, w) each."""
         # The convolutions' dtype: TorchSession converts only them to bf16/fp16, never the constants.
-        x = (images.float() - self.input_offset).to(self.autoencoder[0].weight.dtype)
+        x = (images.float() - self.input_offset).to(next(self.autoencoder.parameters()).dtype)
         student = self.student_trunk(x)
         if self.fuse_local_head:
             local_difference = self.local_head(torch.cat([self.teacher_trunk(x), student], dim=1))
         else:
             local_difference = self.teacher_head(self.teacher_trunk(x)) - self.student_local_head(student)
-        global_difference = self.autoencoder(x) - self.global_head(student)
+        return local_difference, self.autoencoder(x) - self.global_head(student)
+
+    def raw_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Un-normalised (local, global) maps at the feature grid, (N, 2, h, w), float32."""
+        local_difference, global_difference = self.differences(images)
         # Squares and means in float32 even in bf16/fp16: half-precision sums of 384 squares lose digits.
         return torch.cat(
             [
