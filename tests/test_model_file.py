@@ -29,6 +29,21 @@ def test_round_trip_gives_identical_scores_and_maps(trained):
     assert loaded.metadata_["config"]["steps"] == 2
 
 
+def test_a_loaded_model_saved_again_describes_its_new_weights(trained, tmp_path):
+    """A loaded file's metadata carries its old checksum and versions: saving changed weights with it
+    must not write them back (the file would then be refused as corrupt)."""
+    from efficientad.model import save_model
+
+    _, path, _ = trained
+    model, metadata = load_model(path)
+    metadata["versions"] = {"torch": "0.0"}
+    with torch.no_grad():
+        model.student[0].weight.mul_(1.01)
+    reloaded, stored = load_model(save_model(model, tmp_path / "changed.pt", metadata))
+    torch.testing.assert_close(reloaded.student[0].weight, model.student[0].weight)
+    assert stored["tensor_sha256"] != metadata["tensor_sha256"] and stored["versions"]["torch"] == torch.__version__
+
+
 def test_model_file_loads_with_weights_only(trained):
     _, path, _ = trained
     content = torch.load(path, weights_only=True)

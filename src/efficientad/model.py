@@ -221,11 +221,14 @@ def save_model(model: EfficientADModel, path: str | os.PathLike, metadata: dict[
     """Write the model file: weights, normalisation constants, config and versions in one dict.
 
     Only tensors, numbers, strings, lists and dicts go in, so it loads with ``weights_only=True``.
+    What the file describes of itself (format, sizes, weights, their checksum, versions) is computed
+    here and wins over ``metadata``, which may be a loaded file's own.
     """
     if not model.is_calibrated:
         raise EfficientADError("refusing to save a model without map quantiles (it was not trained)")
     state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     content = {
+        **metadata,
         "format": MODEL_FORMAT,
         "format_version": MODEL_FORMAT_VERSION,
         "model_size": model.model_size,
@@ -233,7 +236,6 @@ def save_model(model: EfficientADModel, path: str | os.PathLike, metadata: dict[
         "state_dict": state_dict,
         "tensor_sha256": tensors_sha256(state_dict),
         "versions": versions(),
-        **metadata,
     }
     return atomic_save(content, path)
 
