@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from efficientad.config import QAT_LEARNING_RATE
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 CATEGORIES = {"bottle": ("mvtec", SHARED / "mvtec_ad"), "fryum": ("visa", SHARED / "visa")}
@@ -42,7 +44,7 @@ def main() -> int:
     parser.add_argument("--category", choices=CATEGORIES, default="bottle")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--qat-steps", type=int, nargs="*", default=[], help="quantisation-aware fine-tuning lengths to try")
-    parser.add_argument("--qat-learning-rate", type=float, default=None, help="their learning rate (default: export's)")
+    parser.add_argument("--qat-learning-rate", type=float, default=QAT_LEARNING_RATE, help="their learning rate (default: export's, %(default)g)")
     parser.add_argument("--no-float-groups", action="store_true", help="skip the variants that keep one layer group in float")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "int8_study.json")
     args = parser.parse_args()
@@ -82,7 +84,6 @@ def main() -> int:
     modules = {"fused": FusedModel(model), "apart": FusedModel(model, fuse_local_head=False)}
     fine_tuning = {}
     if args.qat_steps:
-        from efficientad.config import QAT_LEARNING_RATE
         from efficientad.deploy.quantize import held_out_split
         from efficientad.training.penalty import PenaltyImages
         from efficientad.training.quantization_aware import fine_tune_for_int8
@@ -93,7 +94,7 @@ def main() -> int:
         config = metadata["config"]
         for steps in args.qat_steps:
             tuned = fine_tune_for_int8(
-                model, train_images, calibration, steps=steps, learning_rate=args.qat_learning_rate or QAT_LEARNING_RATE, penalty_images=penalty, seed=config["seed"]
+                model, train_images, calibration, steps=steps, learning_rate=args.qat_learning_rate, penalty_images=penalty, seed=config["seed"]
             )
             modules[f"qat{steps}"] = tuned.module
             fine_tuning[steps] = tuned.record
