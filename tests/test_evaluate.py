@@ -208,10 +208,11 @@ def test_cli_eval_end_to_end(trained, tmp_path, capsys):
     assert (out / "report.html").is_file() and not (out / "anomaly_maps").exists()
 
 
-def test_cli_eval_names_the_missing_layout(trained, tmp_path, capsys):
+@pytest.mark.parametrize("option", ["--layout", "--format"])  # --format: train's and eval's older spelling
+def test_cli_eval_names_the_missing_layout(option, trained, tmp_path, capsys):
     _, split, model_path = trained
     data = split.test[0].path.parents[3]
-    arguments = ["--data", str(data), "--category", "widget", "--format", "loco", "--out", str(tmp_path)]
+    arguments = ["--data", str(data), "--category", "widget", option, "loco", "--out", str(tmp_path)]
     code = main(["eval", "--model", str(model_path), *arguments])
     assert code == 2
     error = capsys.readouterr().err.strip()

@@ -28,7 +28,10 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--data", required=True, help="dataset root (the folder holding the category folders)")
     parser.add_argument("--category", required=True, help="category folder name, e.g. bottle")
-    parser.add_argument("--format", choices=DATASET_FORMATS, default="mvtec", help="dataset layout (default: mvtec)")
+    parser.add_argument(
+        "--layout", "--format", dest="format", choices=DATASET_FORMATS, default="mvtec",
+        help="dataset layout, as train's (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--out", required=True, help="output folder")
     add_inference_options(parser)
     parser.add_argument("--no-maps", action="store_true", help="do not write the anomaly maps as TIFF files")

@@ -42,7 +42,7 @@ def register(subparsers) -> None:
     int8 = parser.add_argument_group("int8 (--precision int8)")
     int8.add_argument("--data", default=None, help="dataset root the model was trained on")
     int8.add_argument("--category", default=None, help="category folder name under --data")
-    int8.add_argument("--layout", choices=DATASET_FORMATS, default="mvtec", help="dataset layout of --data, as train's --format (default: %(default)s)")
+    int8.add_argument("--layout", choices=DATASET_FORMATS, default="mvtec", help="dataset layout of --data, as train's (default: %(default)s)")
     int8.add_argument("--calibration-images", type=positive(int), default=INT8_CALIBRATION_IMAGES, help="training images that set the int8 ranges (default: %(default)s)")
     int8.add_argument(
         "--max-auroc-drop", type=positive(float), default=INT8_MAX_AUROC_DROP,

@@ -26,7 +26,10 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--data", help="dataset root (the folder holding the category folders)")
     parser.add_argument("--category", help="category folder name, e.g. bottle")
-    parser.add_argument("--format", choices=DATASET_FORMATS, help=f"dataset layout (default: {DEFAULT_FORMAT})")
+    parser.add_argument(
+        "--layout", "--format", dest="format", choices=DATASET_FORMATS,
+        help=f"dataset layout, as export's --layout (default: {DEFAULT_FORMAT})",
+    )  # fmt: skip
     parser.add_argument("--out", help="output folder")
     parser.add_argument(
         "--checkpoint-every",
@@ -39,7 +42,7 @@ def register(subparsers) -> None:
         "--resume",
         metavar="DIR",
         help="continue the run stopped in DIR from DIR/checkpoint.pt, with its settings and data (bit for bit "
-        "on the same machine); --data, --category and --format name the same images elsewhere, --device "
+        "on the same machine); --data, --category and --layout name the same images elsewhere, --device "
         "another device; other training options are refused. A time budget counts the stopped run's time too",
     )
     add_training_options(parser)
