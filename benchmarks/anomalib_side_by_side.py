@@ -33,9 +33,17 @@ tool's mean, spread (max - min) and standard deviation per step count, and Welch
 difference of means.
 
 The JSON is rewritten after every run; ``--resume`` keeps the runs of the same settings already in
-it. anomalib must be importable (``pip install anomalib==2.7.0``, in a virtual environment with
-``--system-site-packages`` so that it uses this project's torch); without it only ours run and
-the report says so.
+it. ``--ours-runs DIR...`` takes our side from finished ``efficientad train`` runs instead of
+training again (on a 2-core CPU without native bf16 a 1,000-step run is 50 minutes): each must have
+been trained exactly as this script trains (bottle in the MVTec layout, this teacher and these
+penalty images, fp32, no time budget or early stop, every other setting at its default); anything
+else is refused by name. Its model is scored on the test set here; its training seconds are the
+run's own (``total_seconds``: image loading, teacher statistics, steps and calibration). Relative
+paths in a run's ``train.json`` are taken from the repository root, where the README's commands run.
+
+anomalib must be importable (``pip install anomalib==2.7.0``, in a virtual environment with
+``--system-site-packages`` so that it uses this project's torch); without it only ours run and the
+report says so.
 """
 
 from __future__ import annotations
@@ -142,6 +150,49 @@ def train_ours(split, teacher: Path, penalty_dir: Path, steps: int, seed: int) -
     return {"scores": scores, "train_seconds": train_seconds, "final_learning_rate": detector.config.learning_rate * (0.1 if training["lr_drop_step"] < steps else 1.0)}
 
 
+# What does not change the trained weights, or is compared by resolved path below.
+_NOT_COMPARED = ("teacher", "penalty_images", "checkpoint_every")
+
+
+def resolved(path: str | None) -> Path | None:
+    """A path from a run's train.json: relative ones from the repository root."""
+    return None if path is None else (REPO / path).resolve()
+
+
+def reused_run(folder: Path, args, split) -> dict[str, Any]:
+    """Our side from a finished ``efficientad train`` run in ``folder``, if it was trained as :func:`train_ours` trains."""
+    from sklearn.metrics import roc_auc_score
+
+    from efficientad.config import TrainConfig
+    from efficientad.detector import EfficientAD
+
+    record_path = folder / "train.json"
+    if not record_path.is_file():
+        raise SystemExit(f"--ours-runs: {record_path} not found (not a finished `efficientad train` run)")
+    record = json.loads(record_path.read_text())
+    config, data = record["config"], record["data"]
+    expected = TrainConfig(teacher=str(args.teacher), penalty_images=str(args.penalty_images), steps=config["steps"],
+                           seed=config["seed"], precision="fp32").as_dict()  # fmt: skip
+    differences = [f"{name} {config.get(name)!r} (here {value!r})" for name, value in expected.items() if name not in _NOT_COMPARED and config.get(name) != value]
+    if resolved(record["teacher_source"]) != args.teacher.resolve():
+        differences.append(f"teacher {record['teacher_source']} (here {args.teacher})")
+    if resolved(config["penalty_images"]) != args.penalty_images.resolve():
+        differences.append(f"penalty images {config['penalty_images']} (here {args.penalty_images})")
+    if (data["format"], data["category"], resolved(data["root"])) != ("mvtec", "bottle", args.data.resolve()):
+        differences.append(f"data {data['root']}/{data['category']} as {data['format']} (here {args.data}/bottle as mvtec)")
+    training = record["training"]
+    if training["steps_done"] != config["steps"]:
+        differences.append(f"{training['steps_done']} of {config['steps']} steps done")
+    if differences:
+        raise SystemExit(f"--ours-runs: {folder} was not trained as this script trains: " + "; ".join(differences))
+    detector = EfficientAD.load(folder / Path(record["model_file"]).name)
+    scores = [prediction.score for prediction in detector.predict([sample.path for sample in split.test])]
+    dropped = training["lr_drop_step"] < config["steps"]
+    return {"tool": "efficientad", "steps": config["steps"], "seed": config["seed"], "image_auroc": float(roc_auc_score(split.labels, scores)),
+            "scores": scores, "train_seconds": training["total_seconds"], "final_learning_rate": config["learning_rate"] * (0.1 if dropped else 1.0),
+            "reused_run": str(folder)}  # fmt: skip
+
+
 def run(tool: str, steps: int, seed: int, args, split, test_images) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
@@ -202,7 +253,8 @@ def report(record: dict[str, Any]) -> str:
         lines.append(f"| {row['steps']:,} | {cell(row.get('efficientad'))} | {cell(row.get('anomalib'))} | {difference} | {p} |")
     lines += ["", "| tool | steps | seed | image AUROC | training s | learning rate at the end |", "|---|---:|---:|---:|---:|---:|"]
     for r in record["runs"]:
-        lines.append(f"| {r['tool']} | {r['steps']:,} | {r['seed']} | {r['image_auroc']:.4f} | {r['train_seconds']:.0f} | {r['final_learning_rate']:.1e} |")
+        origin = f" (`efficientad train` run {Path(r['reused_run']).name})" if "reused_run" in r else ""
+        lines.append(f"| {r['tool']}{origin} | {r['steps']:,} | {r['seed']} | {r['image_auroc']:.4f} | {r['train_seconds']:.0f} | {r['final_learning_rate']:.1e} |")
     if record.get("anomalib"):
         lines += ["", record["anomalib"]]
     return "\n".join(lines) + "\n"
@@ -217,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--penalty-images", type=Path, default=SHARED / "data" / "imagenet_samples")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="keep the runs of these settings already in --json")
+    parser.add_argument(
+        "--ours-runs", nargs="+", type=Path, default=[], metavar="DIR",
+        help="finished `efficientad train` runs, trained as this script trains, to use as our side instead of training again",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "anomalib_side_by_side.json")
     args = parser.parse_args(argv)
     for path in (args.data / "bottle", args.teacher, args.penalty_images):
@@ -248,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
             runs = previous["runs"]
     record = {"benchmark": "anomalib_side_by_side", "command": [Path(sys.argv[0]).name, *(argv or sys.argv[1:])],
               "settings": settings, "system": system_info(threads=args.threads), "anomalib": note}  # fmt: skip
+    for folder in args.ours_runs:
+        reused = reused_run(folder, args, split)
+        if reused["steps"] not in args.steps or reused["seed"] not in args.seeds:
+            parser.error(f"{folder} trained {reused['steps']:,} steps with seed {reused['seed']}: not among --steps and --seeds")
+        runs = [r for r in runs if (r["tool"], r["steps"], r["seed"]) != ("efficientad", reused["steps"], reused["seed"])]
+        runs.append(reused)
+        print(f"efficientad: {reused['steps']:,} steps, seed {reused['seed']}, from {folder}: image AUROC {reused['image_auroc']:.4f}", file=sys.stderr)
     done = {(r["tool"], r["steps"], r["seed"]) for r in runs}
     # The shortest runs first, the tools alternating, so that a stopped measurement has whole pairs.
     for steps in sorted(args.steps):

@@ -95,20 +95,36 @@ def test_serve_attacks_measures_lockout_memory_and_refusals(tmp_path):
     assert result["healthy_at_end"]
 
 
-def test_anomalib_side_by_side_runs_ours_over_seeds_and_maps_the_teacher_to_anomalib_names(tmp_path):
-    """Where anomalib is absent (as in CI) only our runs are made, and the report says so."""
+def _side_by_side_command(inputs: dict[str, Path], json_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(BENCHMARKS / "anomalib_side_by_side.py"), "--steps", "2", "--data", str(inputs["mvtec"]),
+            "--teacher", str(inputs["teacher"]), "--penalty-images", str(inputs["penalty"]), "--json", str(json_path), *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def side_by_side(tmp_path_factory) -> dict:
+    """bottle-like data, a teacher in the reference layout, penalty images, and the script run once over seeds 0 and 1."""
     from PIL import Image
 
     from efficientad.networks import pdn
 
-    make_dataset(tmp_path / "mvtec", "bottle", n_train=6, n_test_good=2, n_test_defect=2, size=256)
-    penalty = tmp_path / "imagenet"
+    root = tmp_path_factory.mktemp("side_by_side")
+    make_dataset(root / "mvtec", "bottle", n_train=6, n_test_good=2, n_test_defect=2, size=256)
+    penalty = root / "imagenet"
     penalty.mkdir()
     for index in range(3):
         Image.fromarray(np.random.default_rng(index).integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(penalty / f"{index}.jpg")
-    teacher = tmp_path / "teacher.pth"
+    teacher = root / "teacher.pth"
     torch.save(pdn("s").state_dict(), teacher)  # the reference layout: nn.Sequential convolutions 0, 3, 6, 8
+    inputs = {"root": root, "mvtec": root / "mvtec", "penalty": penalty, "teacher": teacher}
+    json_path = root / "side.json"
+    completed = subprocess.run(_side_by_side_command(inputs, json_path, "--seeds", "0", "1"), capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    return {**inputs, "json": json_path, "result": json.loads(json_path.read_text())}
 
+
+def test_anomalib_side_by_side_runs_ours_over_seeds_and_maps_the_teacher_to_anomalib_names(side_by_side):
+    """Where anomalib is absent (as in CI) only our runs are made, and the report says so."""
+    teacher = side_by_side["teacher"]
     sys.path.insert(0, str(BENCHMARKS))
     try:
         from anomalib_side_by_side import anomalib_teacher_state
@@ -118,12 +134,7 @@ def test_anomalib_side_by_side_runs_ours_over_seeds_and_maps_the_teacher_to_anom
     assert sorted(renamed) == sorted(f"conv{i}.{kind}" for i in range(1, 5) for kind in ("weight", "bias"))
     assert torch.equal(renamed["conv4.weight"], torch.load(teacher, weights_only=True)["8.weight"])
 
-    json_path = tmp_path / "side.json"
-    command = [sys.executable, str(BENCHMARKS / "anomalib_side_by_side.py"), "--steps", "2", "--seeds", "0", "1",
-               "--data", str(tmp_path / "mvtec"), "--teacher", str(teacher), "--penalty-images", str(penalty), "--json", str(json_path)]  # fmt: skip
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    result = json.loads(json_path.read_text())
+    result = side_by_side["result"]
     runs = [run for run in result["runs"] if run["tool"] == "efficientad"]
     assert [(run["steps"], run["seed"]) for run in runs] == [(2, 0), (2, 1)]
     assert all(0.0 <= run["image_auroc"] <= 1.0 and len(run["scores"]) == 4 for run in runs)
@@ -131,4 +142,30 @@ def test_anomalib_side_by_side_runs_ours_over_seeds_and_maps_the_teacher_to_anom
     assert summary["efficientad"]["mean"] == pytest.approx(np.mean([run["image_auroc"] for run in runs]))
     if result["anomalib"] is not None:  # anomalib is not installed: nothing of it is claimed
         assert "anomalib" not in summary and "not importable" in result["anomalib"]
-    assert "| 2 |" in json_path.with_suffix(".md").read_text()
+    assert "| 2 |" in side_by_side["json"].with_suffix(".md").read_text()
+
+
+def test_anomalib_side_by_side_takes_our_side_from_a_train_run_trained_alike(side_by_side, tmp_path):
+    """`efficientad train` with the script's settings gives the model the script trains; another setting is refused by name."""
+    from efficientad.cli import main
+
+    run = tmp_path / "run"
+    inputs = ["--data", str(side_by_side["mvtec"]), "--category", "bottle", "--teacher", str(side_by_side["teacher"])]
+    settings = ["--penalty-images", str(side_by_side["penalty"]), "--steps", "2", "--seed", "0", "--precision", "fp32"]
+    assert main(["train", *inputs, *settings, "--out", str(run)]) == 0
+    json_path = tmp_path / "reused.json"
+    completed = subprocess.run(_side_by_side_command(side_by_side, json_path, "--seeds", "0", "--ours-runs", str(run)), capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    (reused,) = [r for r in json.loads(json_path.read_text())["runs"] if r["tool"] == "efficientad"]
+    (trained,) = [r for r in side_by_side["result"]["runs"] if r["tool"] == "efficientad" and r["seed"] == 0]
+    assert reused["reused_run"] == str(run)
+    np.testing.assert_allclose(reused["scores"], trained["scores"], rtol=1e-4)
+    assert reused["image_auroc"] == trained["image_auroc"]
+    assert f"`efficientad train` run {run.name}" in json_path.with_suffix(".md").read_text()
+
+    record = json.loads((run / "train.json").read_text())
+    record["config"]["learning_rate"] = 1e-3
+    (run / "train.json").write_text(json.dumps(record))
+    completed = subprocess.run(_side_by_side_command(side_by_side, tmp_path / "refused.json", "--seeds", "0", "--ours-runs", str(run)), capture_output=True, text=True, timeout=600)
+    assert completed.returncode != 0 and "was not trained as this script trains: learning_rate 0.001 (here 0.0001)" in completed.stderr
+    assert not (tmp_path / "refused.json").exists()
