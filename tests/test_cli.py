@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 
 from efficientad.cli import main
+from efficientad.cli.demo import DEMO_TIME_BUDGET_MINUTES
 from efficientad.data.datasets import load_split
 from efficientad.deploy.inferencer import Inferencer
+from efficientad.device import channels_last_is_faster
 from efficientad.evaluation.metrics import image_auroc
 from efficientad.data.synthetic import make_dataset
 
@@ -225,9 +227,12 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert record["metrics"]["image_auroc"] == pytest.approx(image_auroc(split.labels, scores), abs=1e-9)
     assert len(list((tmp_path / "demo" / "overlays").glob("*.png"))) == record["n_test"]
     # The demo trains on the fast schedule within its time budget; here the 2 steps end it first.
-    assert record["config"]["schedule"] == "fast" and record["config"]["time_budget"] == 120.0
+    assert record["config"]["schedule"] == "fast" and record["config"]["time_budget"] == 60 * DEMO_TIME_BUDGET_MINUTES
     assert record["training"]["stopped_by"] == "steps" and record["wall_seconds"] > 0
-    assert "time budget: 2 min for loading and training (fast schedule" in out
+    assert f"time budget: {DEMO_TIME_BUDGET_MINUTES:g} min for loading and training (fast schedule" in out
+    # Channels-last where it makes fp32 steps faster on this CPU, and said so.
+    channels_last = channels_last_is_faster("fp32", torch.device("cpu"))
+    assert record["config"]["channels_last"] is channels_last and ("fp32 channels-last on cpu" in out) is channels_last
 
 
 def test_a_third_image_size_value_is_refused(dataset, tmp_path, capsys):

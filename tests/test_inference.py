@@ -105,6 +105,38 @@ def test_output_size_and_channels_last_session(calibrated):
     np.testing.assert_allclose(output.score, reference.score[:1].numpy(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "precision, device, avx512, cap, faster",
+    [
+        ("fp32", "cpu", True, "", True),
+        ("fp32", "cpu", False, "", False),
+        ("fp32", "cpu", True, "avx2", False),  # oneDNN capped below AVX-512: its AVX2 kernels were slower channels-last
+        ("fp32", "cpu", True, "AVX512_CORE", True),
+        ("bf16", "cpu", False, "", True),
+        ("fp32", "cuda", True, "", False),
+        ("bf16", "cuda", False, "", True),
+    ],
+)
+def test_channels_last_where_it_was_measured_faster(monkeypatch, precision, device, avx512, cap, faster):
+    from efficientad.device import channels_last_is_faster
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: avx512)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert channels_last_is_faster(precision, torch.device(device)) is faster
+
+
+def test_benchmark_records_name_a_capped_instruction_set(monkeypatch):
+    """A figure measured on the AVX2 code path of an AVX-512 CPU must say so: the CPU's flags alone would not."""
+    from efficientad.deploy.speed import system_info
+
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
+    assert "instruction_set_cap" not in system_info()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert system_info()["instruction_set_cap"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
 @pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True), (False, True, True)])
 def test_bf16_is_native_only_with_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, native):
     """oneDNN also offers bf16 on AVX-512 CPUs without BF16, emulated: auto must not take that for native."""

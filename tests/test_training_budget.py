@@ -159,11 +159,17 @@ def test_steps_end_a_budgeted_run_when_they_come_first(cheap_steps):
     assert cheap_steps.rates[14] == pytest.approx(1e-5) and cheap_steps.rates[13] == 1e-4
 
 
-def test_the_budget_stops_a_run_whose_steps_got_slower_than_measured(cheap_steps):
+def test_a_run_whose_steps_got_slower_than_measured_is_replanned_and_still_drops_its_learning_rate(cheap_steps):
     cheap_steps.seconds_per_step = [10.0] * 11 + [20.0]  # 110 s for the timed steps, then 20 s each
     history = train_networks(_model(), _images(3), TrainConfig(steps=1000, time_budget=300.0), progress=False, started=0.0)
-    # Planned at 10 s/step: 11 + 19 steps; at 20 s/step the clock reaches 300 s after 10 of the 19.
-    assert (history["planned_steps"], history["steps_done"], history["stopped_by"]) == (30, 21, "time_budget")
+    # Planned at 10 s/step: 11 + 19 steps, dropping at step 28, which at 20 s/step would come after the
+    # budget (the old behaviour: 21 steps done, none at the low rate). Replanned on the latest steps,
+    # 9 steps of 20 s fit: 20 in all, the last at x0.1, ending within the 300 s.
+    assert (history["planned_steps"], history["steps_done"], history["stopped_by"]) == (20, 20, "time_budget")
+    # The last plan, at step 18, took the mean of the 10 latest steps: 3 of 10 s and 7 of 20 s.
+    assert history["lr_drop_step"] == int(0.95 * 20) and history["measured_step_seconds"] == pytest.approx(17.0)
+    assert cheap_steps.rates[:19] == [1e-4] * 19 and cheap_steps.rates[19:] == pytest.approx([1e-5])
+    assert cheap_steps.now == 110.0 + 9 * 20.0
 
 
 def test_a_long_run_without_a_budget_says_how_long_and_suggests_one(cheap_steps, capsys):

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..config import BENCH_BATCH_SIZE, BENCH_RUNS, BENCH_WARMUP
-from ..device import default_threads
+from ..device import ISA_CAPS, default_threads
 from ..errors import EfficientADError
 from ..files import versions
 from ..model import EfficientADModel, load_model
@@ -151,6 +151,10 @@ def system_info(device: str = "cpu", threads: int | None = None) -> dict[str, An
         "platform": platform.platform(),
         "versions": versions(),
     }
+    # A capped instruction set (e.g. the AVX2 code path measured on an AVX-512 CPU) changes every figure.
+    capped = {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)}
+    if capped:
+        info["instruction_set_cap"] = capped
     for name in ("onnxruntime", "openvino", "onnx"):
         try:
             info["versions"][name] = __import__(name).__version__

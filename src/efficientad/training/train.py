@@ -241,6 +241,7 @@ def train_networks(
     stopped_by = None
     timed = WARMUP_STEPS + MEASURED_STEPS  # the first steps of a session, timed one by one
     step_seconds = []
+    validation_seconds = 0.0
     last_checkpoint = loop_started = time.perf_counter()
     bar = tqdm(total=run.plan.steps, initial=run.step, desc="Training", unit="step", disable=not progress, dynamic_ncols=True)
     while run.step < run.plan.steps:
@@ -281,13 +282,20 @@ def train_networks(
                 bar.total = run.plan.steps
             if progress and run.plan.steps > run.step:
                 tqdm.write(estimate(config, run.plan, run.step, validation_seconds), file=sys.stderr)
-        elif validation is not None and run.step % run.plan.validate_every == 0:
-            validate()
+        # Counted from the last point, not as multiples: a replanned interval must not bunch validations.
+        elif validation is not None and run.step - (run.curve[-1]["step"] if run.curve else 0) >= run.plan.validate_every:
+            validation_seconds = validate()
             point = run.curve[-1]
             bar.set_postfix(loss=f"{point['train']['total']:.4f}", validation=f"{point['validation']['total']:.4f}", refresh=False)
             if config.early_stop and flattened([point["validation"]["total"] for point in run.curve], run.step, run.plan):
                 stopped_by = "early_stop"
                 break
+        elif config.time_budget is not None and run.plan.step_seconds is not None and run.step < run.plan.drop_step:
+            # Until the learning rate drops, the budget's plan follows the latest steps: laid out once on the
+            # first ones, a machine that slowed down would reach the budget before the drop (the demo did).
+            recent = statistics.mean(step_seconds[-MEASURED_STEPS:])
+            run.plan = budget_plan(config, run.step, config.time_budget - elapsed(), recent, validation_seconds)
+            bar.total = run.plan.steps
         if checkpoint is not None and checkpoint.every and time.perf_counter() - last_checkpoint >= checkpoint.every:
             checkpoint.write(
                 {
