@@ -186,7 +186,8 @@ def train_networks(
     ``validate_every`` steps, after the timed first steps and at the end, which ``early_stop``
     reads. ``config.time_budget`` counts from ``started`` (a ``time.perf_counter()`` value;
     default: now), so that the caller's work before training counts too; the schedule is laid out
-    on it after the first steps (:mod:`~efficientad.training.schedule`). ``checkpoint`` saves the
+    on it after the first steps, and again after each step on the latest steps' time until the
+    learning rate drops (:mod:`~efficientad.training.schedule`). ``checkpoint`` saves the
     run every ``checkpoint.every`` seconds, and continues the one in ``checkpoint.resume``.
     """
     started = time.perf_counter() if started is None else started
