@@ -117,7 +117,7 @@ def add_time_budget_option(parser: argparse.ArgumentParser | argparse._ArgumentG
         help="train for this wall-clock time from the start of image loading (teacher statistics count too; "
         f"calibration and saving follow): the step time is measured over the first {WARMUP_STEPS + MEASURED_STEPS} "
         f"steps, which always run, and the learning-rate drop is placed at {100 * default(TrainConfig, 'lr_drop_fraction'):.0f}%% "
-        "of the steps that fit; "
+        f"of the steps that fit, re-estimated from the latest {MEASURED_STEPS} steps until it comes; "
         "--steps still caps them (default: none, --steps decide)",
     )
 

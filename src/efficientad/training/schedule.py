@@ -2,8 +2,9 @@
 
 The paper's schedule is a number of steps with the learning rate x0.1 after ``lr_drop_fraction``
 (95%) of them. With a time budget, the step time is measured over the first steps of the run and
-the same schedule is laid out on the steps that fit in what is left of the budget; ``steps`` stays
-an upper bound, so the two together end at whichever comes first.
+the same schedule is laid out on the steps that fit in what is left of the budget, then laid out
+again after each step, on the latest steps' time, until the learning rate drops; ``steps`` stays an
+upper bound, so the two together end at whichever comes first.
 
 Free of torch: the command line states these rules in its help.
 """
