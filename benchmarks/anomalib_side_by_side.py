@@ -144,10 +144,21 @@ def train_ours(split, teacher: Path, penalty_dir: Path, steps: int, seed: int) -
     detector = EfficientAD(teacher=str(teacher), penalty_images=str(penalty_dir), steps=steps, seed=seed, precision="fp32", progress=False)
     started = time.perf_counter()
     detector.fit(split.train, split.validation)
-    train_seconds = time.perf_counter() - started
+    return tested_ours(detector, split, time.perf_counter() - started)
+
+
+def tested_ours(detector, split, train_seconds: float) -> dict[str, Any]:
+    """A trained or loaded model of ours: its raw test scores, training seconds and learning rate at the end."""
     scores = [prediction.score for prediction in detector.predict([sample.path for sample in split.test])]
-    training = detector.metadata_["training"]
-    return {"scores": scores, "train_seconds": train_seconds, "final_learning_rate": detector.config.learning_rate * (0.1 if training["lr_drop_step"] < steps else 1.0)}
+    dropped = detector.metadata_["training"]["lr_drop_step"] < detector.config.steps
+    return {"scores": scores, "train_seconds": train_seconds, "final_learning_rate": detector.config.learning_rate * (0.1 if dropped else 1.0)}
+
+
+def with_auroc(tool: str, steps: int, seed: int, labels, outcome: dict[str, Any]) -> dict[str, Any]:
+    """One run's record: its image AUROC from the raw scores (scikit-learn, for both tools) and its outcome."""
+    from sklearn.metrics import roc_auc_score
+
+    return {"tool": tool, "steps": steps, "seed": seed, "image_auroc": float(roc_auc_score(labels, outcome["scores"])), **outcome}
 
 
 # What does not change the trained weights, or is compared by resolved path below.
@@ -161,8 +172,6 @@ def resolved(path: str | None) -> Path | None:
 
 def reused_run(folder: Path, args, split) -> dict[str, Any]:
     """Our side from a finished ``efficientad train`` run in ``folder``, if it was trained as :func:`train_ours` trains."""
-    from sklearn.metrics import roc_auc_score
-
     from efficientad.config import TrainConfig
     from efficientad.detector import EfficientAD
 
@@ -185,17 +194,11 @@ def reused_run(folder: Path, args, split) -> dict[str, Any]:
         differences.append(f"{training['steps_done']} of {config['steps']} steps done")
     if differences:
         raise SystemExit(f"--ours-runs: {folder} was not trained as this script trains: " + "; ".join(differences))
-    detector = EfficientAD.load(folder / Path(record["model_file"]).name)
-    scores = [prediction.score for prediction in detector.predict([sample.path for sample in split.test])]
-    dropped = training["lr_drop_step"] < config["steps"]
-    return {"tool": "efficientad", "steps": config["steps"], "seed": config["seed"], "image_auroc": float(roc_auc_score(split.labels, scores)),
-            "scores": scores, "train_seconds": training["total_seconds"], "final_learning_rate": config["learning_rate"] * (0.1 if dropped else 1.0),
-            "reused_run": str(folder)}  # fmt: skip
+    outcome = tested_ours(EfficientAD.load(folder / Path(record["model_file"]).name), split, training["total_seconds"])
+    return with_auroc("efficientad", config["steps"], config["seed"], split.labels, {**outcome, "reused_run": str(folder)})
 
 
 def run(tool: str, steps: int, seed: int, args, split, test_images) -> dict[str, Any]:
-    from sklearn.metrics import roc_auc_score
-
     from efficientad.config import TrainConfig
     from learning_curves import held_out
 
@@ -205,7 +208,7 @@ def run(tool: str, steps: int, seed: int, args, split, test_images) -> dict[str,
         outcome = train_anomalib(train, validation, test_images, args.teacher, args.penalty_images, steps, seed)
     else:
         outcome = train_ours(split, args.teacher, args.penalty_images, steps, seed)
-    return {"tool": tool, "steps": steps, "seed": seed, "image_auroc": float(roc_auc_score(split.labels, outcome["scores"])), **outcome}
+    return with_auroc(tool, steps, seed, split.labels, outcome)
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

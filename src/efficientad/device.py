@@ -40,8 +40,9 @@ def cpu_supports_bf16() -> bool:
 
 
 # Environment variables that cap the instruction set of oneDNN's kernels (the second is its older
-# name) and of ATen's own; and the oneDNN caps that keep it below AVX-512 whatever the CPU has.
-ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+# name), then of ATen's own; and the oneDNN caps that keep it below AVX-512 whatever the CPU has.
+_ONEDNN_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+ISA_CAPS = (*_ONEDNN_CAPS, "ATEN_CPU_CAPABILITY")
 _BELOW_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
 
 
@@ -56,7 +57,7 @@ def channels_last_is_faster(precision: str, device: torch.device) -> bool:
         return True
     if device.type != "cpu" or precision != "fp32":
         return False
-    capped = any(os.environ.get(name, "").upper() in _BELOW_AVX512 for name in ISA_CAPS[:2])
+    capped = any(os.environ.get(name, "").upper() in _BELOW_AVX512 for name in _ONEDNN_CAPS)
     try:
         return bool(torch.cpu._is_avx512_supported()) and not capped
     except (AttributeError, RuntimeError):
