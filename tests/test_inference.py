@@ -125,6 +125,20 @@ def test_channels_last_where_it_was_measured_faster(monkeypatch, precision, devi
     assert channels_last_is_faster(precision, torch.device(device)) is faster
 
 
+@pytest.mark.parametrize(
+    "vnni, amx, cap, expected",
+    [(True, False, "", True), (False, True, "", True), (False, False, "", False), (True, False, "AVX2", False), (True, False, "avx512_core", False), (True, False, "AVX512_CORE_VNNI", True)],
+)
+def test_int8_kernels_have_vnni_unless_the_cpu_or_a_cap_says_otherwise(monkeypatch, vnni, amx, cap, expected):
+    from efficientad.device import int8_kernels_have_vnni
+
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert int8_kernels_have_vnni() is expected
+
+
 def test_benchmark_records_name_a_capped_instruction_set(monkeypatch):
     """A figure measured on the AVX2 code path of an AVX-512 CPU must say so: the CPU's flags alone would not."""
     from efficientad.deploy.speed import system_info

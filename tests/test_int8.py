@@ -130,6 +130,49 @@ def test_auto_chooses_bf16_then_an_accepted_int8_export_then_fp32(int8_run, monk
     assert native.precision == "bf16" and "native bf16" in native.reason
 
 
+def _weight_levels(graph) -> list[int]:
+    """The largest int8 weight level of each convolution of an int8 OpenVINO graph whose weights are int8."""
+    levels = []
+    for op in graph.get_ordered_ops():
+        if op.get_type_name() == "Convolution":
+            node = op.input_value(1).get_node()
+            while node.get_type_name() != "Constant":
+                node = node.input_value(0).get_node()
+            if node.get_data().dtype == np.int8:
+                levels.append(int(np.abs(node.get_data().astype(np.int32)).max()))
+    return levels
+
+
+def test_int8_weights_use_half_the_range_so_that_cpus_without_vnni_do_not_saturate(int8_run, monkeypatch, tmp_path):
+    import openvino as ov
+
+    model_path, _, _ = int8_run
+    graph = ov.Core().read_model(str(int8_path(model_path)))
+    # Every convolution's weights: the largest of each output channel at level 63 or 64 of 127, none beyond.
+    levels = _weight_levels(graph)
+    assert len(levels) == 23 and set(levels) <= {63, 64}
+    embedded = json.loads(graph.get_rt_info("efficientad").astype(str))
+    assert embedded["int8"]["weights_half_range"] is True
+
+    # An export from before (full-range weights past the first convolutions) is not chosen where the
+    # int8 kernels have no VNNI, and says why when opened; with VNNI it is.
+    monkeypatch.setattr("efficientad.deploy.inferencer.cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr("efficientad.deploy.formats.cpu_supports_bf16", lambda: False)
+    older = tmp_path / "model.pt"
+    shutil.copy(model_path, older)
+    del embedded["int8"]["weights_half_range"]
+    graph.set_rt_info(json.dumps(embedded), "efficientad")
+    ov.save_model(graph, str(int8_path(older)), compress_to_fp16=False)
+    monkeypatch.setattr("efficientad.deploy.formats.int8_kernels_have_vnni", lambda: False)
+    assert Inferencer.load(model_path, precision="auto").precision == "int8"
+    fallback = Inferencer.load(older, precision="auto")
+    assert fallback.precision == "fp32" and "full-range int8 weights, which this CPU's int8 kernels (no VNNI) saturate" in fallback.reason
+    with pytest.warns(UserWarning, match="full-range int8 weights"):
+        Inferencer.load(int8_path(older))
+    monkeypatch.setattr("efficientad.deploy.formats.int8_kernels_have_vnni", lambda: True)
+    assert Inferencer.load(older, precision="auto").precision == "int8"
+
+
 def test_precisions_a_file_cannot_run_are_refused(int8_run, tiny, tiny_exports):
     model_path, _, _ = int8_run
     with pytest.raises(EfficientADError, match="int8 model: it runs in int8"):

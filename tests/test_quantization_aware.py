@@ -28,7 +28,7 @@ from efficientad.training.quantization_aware import (
 PENALTY = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
 
 
-def test_fake_quantized_conv_rounds_input_and_weights_to_int8_and_trains_the_conv_itself():
+def test_fake_quantized_conv_rounds_input_to_int8_and_weights_to_half_the_int8_range_and_trains_the_conv_itself():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3)
     wrapped = FakeQuantizedConv(conv)
@@ -37,7 +37,10 @@ def test_fake_quantized_conv_rounds_input_and_weights_to_int8_and_trains_the_con
     rounded_input = wrapped.input_quantizer(x)
     rounded_weight = wrapped.weight_quantizer(conv.weight)
     assert len(torch.unique(rounded_input)) <= 256 and not torch.equal(rounded_input, x)
-    assert all(len(torch.unique(channel)) <= 255 for channel in rounded_weight)
+    # Weights as the export quantises them: per output channel, on steps of its largest weight / 64, at most 64 steps from zero.
+    steps = rounded_weight.detach() / (conv.weight.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / 64)
+    torch.testing.assert_close(steps, steps.round(), atol=1e-4, rtol=0)
+    assert steps.abs().amax() == pytest.approx(64, abs=1e-3) and all(len(torch.unique(channel)) <= 129 for channel in rounded_weight)
     torch.testing.assert_close(output, conv._conv_forward(rounded_input, rounded_weight, conv.bias))
     # Rounding moves the output a little, not a lot.
     error = (output - conv(x)).abs().max() / conv(x).abs().max()

@@ -44,6 +44,20 @@ def cpu_supports_bf16() -> bool:
 _ONEDNN_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 ISA_CAPS = (*_ONEDNN_CAPS, "ATEN_CPU_CAPABILITY")
 _BELOW_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
+_WITHOUT_VNNI = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+
+
+def int8_kernels_have_vnni() -> bool:
+    """Whether oneDNN's int8 convolutions here add their products in int32 (VNNI: AVX-512 VNNI or AMX).
+
+    Without VNNI (AVX2; AVX-512 before Cascade Lake) they add pairs of uint8 x int8 products in int16,
+    which saturates with full-range int8 weights; half-range weights fit (README, "Precision").
+    """
+    capped = any(os.environ.get(name, "").upper() in _WITHOUT_VNNI for name in _ONEDNN_CAPS)
+    try:
+        return bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()) and not capped
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def channels_last_is_faster(precision: str, device: torch.device) -> bool:

@@ -32,7 +32,7 @@ from ..errors import EfficientADError, first_line
 from ..files import atomic_write
 from ..model import EfficientADModel, check_format, load_model
 from .fused import FusedModel
-from ..device import cpu_supports_bf16
+from ..device import cpu_supports_bf16, int8_kernels_have_vnni
 from .graphs import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, example_input, onnx_bytes, openvino_model, require_openvino
 from .runtimes import OPENVINO_PRECISIONS, OnnxRuntimeSession, OpenVinoSession, TorchSession
 
@@ -164,6 +164,11 @@ def read_openvino_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return parse_metadata(OpenVinoSession(path, None).metadata_text, path)
 
 
+def saturates_here(metadata: dict[str, Any]) -> bool:
+    """Whether an int8 export's weights use the full int8 range (exports before half-range weights), on a CPU without VNNI."""
+    return not metadata.get("int8", {}).get("weights_half_range") and not int8_kernels_have_vnni()
+
+
 def _open_openvino(path: Path, precision: str | None, device: str, threads: int | None) -> tuple[Session, dict[str, Any], str]:
     if str(device) != "cpu":
         raise EfficientADError("the OpenVINO backend here runs on the CPU only")
@@ -172,6 +177,12 @@ def _open_openvino(path: Path, precision: str | None, device: str, threads: int 
     if metadata["inference_precision"] == "int8":
         if precision not in (None, "auto", "int8"):
             raise EfficientADError(f"{path} is an int8 model: it runs in int8 (precision 'int8' or 'auto'), not {precision}")
+        if saturates_here(metadata):
+            warnings.warn(
+                f"{path} has full-range int8 weights, which this CPU's int8 kernels (no VNNI) saturate: it may score "
+                "below its acceptance test (bottle: image AUROC -0.017); export it again",
+                stacklevel=3,
+            )
         # Its float layers in float32: the arithmetic its quantiles and threshold were measured in.
         session.set_precision("fp32")
         return session, metadata, "int8"

@@ -28,7 +28,7 @@ from ..data.images import ImageInput, read_image, resize_to_tensor
 from ..device import cpu_supports_bf16, resolve_device, usable_precision
 from ..errors import EfficientADError, check_count
 from ..model import EfficientADModel, load_model, resize_maps
-from .formats import Session, auto_cpu_precision, detect_format, inference_metadata, open_export, read_openvino_metadata
+from .formats import Session, auto_cpu_precision, detect_format, inference_metadata, open_export, read_openvino_metadata, saturates_here
 from .graphs import require_openvino
 from .fused import FusedModel
 from .runtimes import InferenceOutput, check_batch, make_session
@@ -104,6 +104,8 @@ def int8_export_of(model_path: str | os.PathLike, model_metadata: dict[str, Any]
         return None, f"{path.name} is not an int8 export of this model (export it again)"
     if not metadata.get("int8", {}).get("accepted"):
         return None, f"{path.name} failed its acceptance test (see its record)"
+    if saturates_here(metadata):
+        return None, f"{path.name} has full-range int8 weights, which this CPU's int8 kernels (no VNNI) saturate: export it again"
     return path, f"{path.name} passed its acceptance test"
 
 

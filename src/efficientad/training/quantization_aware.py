@@ -9,7 +9,7 @@ Here the networks as they are deployed (:class:`~efficientad.deploy.fused.FusedM
 and student heads apart, as int8 runs them) are fine-tuned while every convolution sees its input
 and weights rounded as int8 will round them (PyTorch's fake quantisation: per-tensor affine uint8
 activations with ranges measured on the calibration images, the ranges NNCF will measure, then
-frozen; per-channel symmetric int8 weights; gradients pass the rounding straight through). The
+frozen; per-channel symmetric int8 weights on the half range the export uses; gradients pass the rounding straight through). The
 teacher is frozen, rounding included. What is learnt is the fp32 model itself (self-distillation):
 the rounded networks' teacher-minus-student and autoencoder-minus-student differences are pulled
 towards the fp32 model's, each weighted by its map's normalisation gain, on a training image, its
@@ -41,7 +41,7 @@ from tqdm import tqdm
 from ..config import QAT_LEARNING_RATE
 from ..data.images import to_float
 from ..deploy.fused import FusedModel
-from ..deploy.quantize import input_range, network_scopes
+from ..deploy.quantize import HALF_RANGE_WEIGHT_LEVELS, input_range, network_scopes
 from ..errors import EfficientADError, check_count
 from ..model import EfficientADModel
 from .penalty import PenaltySource
@@ -60,9 +60,9 @@ class FakeQuantizedConv(nn.Module):
         super().__init__()
         self.conv = conv
         self.input_quantizer = FakeQuantize(observer=MinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8, qscheme=torch.per_tensor_affine)
-        # Narrow range (-127..127), as NNCF quantises weights.
+        low, high = HALF_RANGE_WEIGHT_LEVELS
         self.weight_quantizer = FakeQuantize(
-            observer=PerChannelMinMaxObserver, quant_min=-127, quant_max=127, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0
+            observer=PerChannelMinMaxObserver, quant_min=low, quant_max=high, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,7 +192,7 @@ def fine_tune_for_int8(
     record = {
         "method": "quantisation-aware fine-tuning of student and autoencoder towards the fp32 model's own "
         "teacher-student and autoencoder-student differences (PyTorch fake quantisation: uint8 per-tensor activations, "
-        "ranges from the calibration images; int8 per-channel symmetric weights; teacher frozen)",
+        "ranges from the calibration images; int8 per-channel symmetric weights on half the range; teacher frozen)",
         "steps": steps,
         "learning_rate": learning_rate,
         "penalty": penalty_images is not None,
