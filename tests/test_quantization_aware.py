@@ -12,7 +12,7 @@ from torch import nn
 
 from efficientad.data.images import load_images, to_float
 from efficientad.deploy.fused import FusedModel
-from efficientad.deploy.quantize import held_out_split, network_scopes, quantization_images
+from efficientad.deploy.quantize import held_out_split, input_quantization_range, network_scopes, quantization_images
 from efficientad.errors import EfficientADError
 from efficientad.model import load_model
 from efficientad.training.quantization_aware import (
@@ -70,6 +70,25 @@ def test_fake_quantization_wraps_every_network_convolution_and_comes_off_again(t
     remove_fake_quantization(module)
     assert [layer for layer in module.modules() if isinstance(layer, nn.Conv2d)] == convolutions
     assert not any(isinstance(layer, FakeQuantizedConv) for layer in module.modules())
+
+
+def test_ranges_round_the_networks_input_on_the_export_grid_and_the_rest_as_measured(tiny):
+    model, metadata = load_model(tiny.path)
+    module = FusedModel(model, fuse_local_head=False)
+    calibration, _ = quantization_images(metadata, tiny.root, tiny.category, count=2)
+    wrapped = add_fake_quantization(module)
+    measure_ranges(module, wrapped, [torch.from_numpy(image) for image in calibration])
+    start, end = input_quantization_range(module)
+    inputs = [getattr(module, name)[0].input_quantizer for name in ("teacher_trunk", "student_trunk", "autoencoder")]
+    for quantizer in inputs:
+        # What int8 will represent: 256 levels from start to end (zero among them), as the export's input quantiser.
+        scale, zero_point = float(quantizer.scale), int(quantizer.zero_point)
+        assert -zero_point * scale == pytest.approx(start, rel=1e-6) and (255 - zero_point) * scale == pytest.approx(end, rel=1e-6)
+    for layer in wrapped:
+        assert not layer.input_quantizer.observer_enabled and layer.input_quantizer.fake_quant_enabled
+    # The other convolutions' inputs keep the ranges measured on the calibration images.
+    inner = [layer.input_quantizer for layer in wrapped if layer.input_quantizer not in inputs]
+    assert inner and all(float(quantizer.scale) != pytest.approx((end - start) / 255) for quantizer in inner)
 
 
 def _rounding_error(module: FusedModel, reference: FusedModel, calibration, images: torch.Tensor) -> float:

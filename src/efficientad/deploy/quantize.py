@@ -176,6 +176,11 @@ def _range_with_zero(low: float, high: float, levels: int = 256) -> tuple[float,
     return -zero_point * step, (top - zero_point) * step
 
 
+def input_quantization_range(module: FusedModel) -> tuple[float, float]:
+    """The int8 range of the networks' input: every value an image can give (:func:`input_range`), zero on its grid."""
+    return _range_with_zero(*input_range(module))
+
+
 def cover_every_image(graph, module: FusedModel) -> int:
     """Set the int8 range of the networks' input to :func:`input_range`, in place; returns how many quantisers it set.
 
@@ -188,7 +193,7 @@ def cover_every_image(graph, module: FusedModel) -> int:
     """
     from openvino import opset13 as opset
 
-    low, high = _range_with_zero(*input_range(module))
+    low, high = input_quantization_range(module)
     outside = re.compile(outside_networks(module))
     changed = 0
     for op in graph.get_ordered_ops():

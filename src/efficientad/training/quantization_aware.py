@@ -41,7 +41,7 @@ from tqdm import tqdm
 from ..config import QAT_LEARNING_RATE
 from ..data.images import to_float
 from ..deploy.fused import FusedModel
-from ..deploy.quantize import HALF_RANGE_WEIGHT_LEVELS, input_range, network_scopes
+from ..deploy.quantize import HALF_RANGE_WEIGHT_LEVELS, input_quantization_range, network_scopes
 from ..errors import EfficientADError, check_count
 from ..model import EfficientADModel
 from .penalty import PenaltySource
@@ -100,14 +100,18 @@ def remove_fake_quantization(module: FusedModel) -> None:
 @torch.no_grad()
 def measure_ranges(module: FusedModel, wrapped: Sequence[FakeQuantizedConv], calibration: Sequence[torch.Tensor]) -> None:
     """Set the activation ranges as the int8 export will: from the float activations of the calibration
-    images, the networks' input covering every image (:func:`~efficientad.deploy.quantize.cover_every_image`); then freeze them."""
+    images, and the networks' input on the export's grid over every image
+    (:func:`~efficientad.deploy.quantize.cover_every_image`); then freeze them."""
     for layer in wrapped:
         layer.input_quantizer.disable_fake_quant()
     for image in calibration:
         module.differences(image)
-    every_image = torch.tensor(input_range(module))
+    start, end = input_quantization_range(module)
+    step = (end - start) / 255
     for name in INPUT_NETWORKS:
-        getattr(module, name)[0].input_quantizer(every_image)
+        quantizer = getattr(module, name)[0].input_quantizer
+        quantizer.scale.fill_(step)
+        quantizer.zero_point.fill_(round(-start / step))
     for layer in wrapped:
         layer.input_quantizer.enable_fake_quant()
         layer.input_quantizer.disable_observer()
