@@ -12,6 +12,7 @@ from PIL import Image
 from efficientad.cli import main
 from efficientad.data.datasets import Split, load_folder_split, load_split, read_mask
 from efficientad.deploy.inferencer import Prediction
+from efficientad.deploy.speed import system_info
 from efficientad.errors import EfficientADError
 from efficientad.evaluation.evaluate import evaluate
 from efficientad.data.synthetic import make_dataset
@@ -193,8 +194,11 @@ def test_bad_arguments_are_refused(trained):
         evaluate(detector, only_good)
 
 
-def test_cli_eval_end_to_end(trained, tmp_path, capsys):
+def test_cli_eval_end_to_end(trained, tmp_path, capsys, monkeypatch):
     _, _, model_path = trained
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # read when torch was imported: here only the record names it
     make_dataset(tmp_path / "data", n_train=1, n_test_good=1, n_test_defect=1, size=SIZE)
     out = tmp_path / "out"
     data = tmp_path / "data"
@@ -205,6 +209,7 @@ def test_cli_eval_end_to_end(trained, tmp_path, capsys):
     record = json.loads((out / "eval.json").read_text())
     assert record["metrics"] == json.loads((out / "metrics.json").read_text())
     assert record["model"] == str(model_path) and record["data"]["category"] == "widget"
+    assert record["system"]["instruction_set_cap"] == {"ATEN_CPU_CAPABILITY": "avx2"} and record["system"]["cpu_flags"] == system_info()["cpu_flags"]
     assert (out / "report.html").is_file() and not (out / "anomaly_maps").exists()
 
 

@@ -40,6 +40,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data.datasets import load_split
+    from ..deploy.speed import system_info
     from ..evaluation.evaluate import evaluate
     from ..files import check_output_folder, write_run_record
 
@@ -56,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
             "precision_choice": detector.reason or None,
             "data": {"root": str(args.data), "category": args.category, "format": args.format},
             "metrics": metrics,
+            # The machine's kernels decide the arithmetic (int8 without VNNI differs), so the figures name it.
+            "system": system_info(),
         },
     )
     summary = ", ".join(
