@@ -130,7 +130,7 @@ def run_int8(args: argparse.Namespace) -> int:
     path, record = export_int8(
         model, out, calibration, validation, threshold=args.threshold, model_metadata=metadata,
         max_auroc_drop=args.max_auroc_drop, max_au_pro_drop=args.max_au_pro_drop, max_score_error=args.max_score_error,
-        max_spread_change=args.max_spread_change, fine_tuned=fine_tuned,
+        max_spread_change=args.max_spread_change, fine_tuned=fine_tuned, on_trial=print_trial,
     )  # fmt: skip
     record_path = path.with_suffix(".json")
     write_run_record(record_path, {"model": str(args.model), "model_tensor_sha256": metadata.get("tensor_sha256"), "out": str(path), "data": str(Path(args.data) / args.category), **record})
@@ -156,6 +156,19 @@ def run_int8(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def print_trial(trial: dict) -> None:
+    """One line per quantisation tried, as it is measured: what stayed float, the acceptance figures, the verdict."""
+    kept = ", ".join(trial["kept_in_float"]) or "nothing"
+    spreads = trial["map_spread_change"]
+    verdict = "passed" if trial["passed"] else f"failed (shortfall {trial['shortfall']:.2f})"
+    print(
+        f"  in float: {kept}: image AUROC drop {trial['image_auroc_drop']:+.4f}, AU-PRO drop {trial['au_pro_drop']:+.4f}, "
+        f"score error {trial['validation_score_error_mean']:.4f}, map spreads {spreads['local']:+.0%} / {spreads['global']:+.0%}: "
+        f"{verdict}",
+        file=sys.stderr,
+    )
 
 
 def quantization_aware_fine_tuning(args: argparse.Namespace, model, metadata: dict, calibration):

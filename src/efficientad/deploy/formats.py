@@ -300,6 +300,7 @@ def export_int8(
     max_spread_change: float = INT8_MAX_SPREAD_CHANGE,
     threads: int | None = None,
     fine_tuned: tuple[FusedModel, dict[str, Any]] | None = None,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Quantise a model to int8 (:func:`~efficientad.deploy.quantize.quantize_int8`) and write it as OpenVINO IR.
 
@@ -308,7 +309,8 @@ def export_int8(
     the threshold measured on the int8 model (unless ``threshold`` is given) and the calibration
     record, which is also returned; it is written whether or not it passed its acceptance test
     (``record["accepted"]``), and ``precision="auto"`` uses it only if it passed. ``fine_tuned``: the
-    networks after quantisation-aware fine-tuning, with its record, to quantise instead.
+    networks after quantisation-aware fine-tuning, with its record, to quantise instead; ``on_trial``:
+    called with each quantisation tried, as it is measured.
     """
     from .quantize import quantize_int8
 
@@ -333,6 +335,7 @@ def export_int8(
         expected_validation_scores=metadata_in.get("validation_scores"),
         threads=threads,
         fine_tuned=fine_tuned,
+        on_trial=on_trial,
     )
     module = FusedModel(model)
     metadata = inference_metadata(module, result.threshold if threshold is None else threshold, {**metadata_in, "inference_precision": "int8"})

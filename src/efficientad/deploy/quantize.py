@@ -215,7 +215,8 @@ def post_training_int8(graph, module: FusedModel, calibration: Sequence[np.ndarr
         graph, nncf.Dataset(list(calibration)), subset_size=len(calibration), preset=nncf.QuantizationPreset.MIXED, ignored_scope=scope,
         advanced_parameters=nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.ENABLE),
     )  # fmt: skip
-    if cover_every_image(quantized, module) == 0:
+    # With every convolution that reads the image kept in float, there is no input quantiser to widen.
+    if cover_every_image(quantized, module) == 0 and not set(IMAGE_GROUPS) <= set(kept_in_float):
         raise EfficientADError("NNCF left the networks' input unquantised: this NNCF version places its quantisers differently")
     return quantized
 
@@ -284,6 +285,10 @@ class LabelledImages(NamedTuple):
         scores = image_scores(maps).double().numpy()
         # Python floats: they go into the JSON record.
         return Measured(raw, quantiles, scores, float(image_auroc(self.labels, scores)), float(au_pro(self.masks, maps[:, 0].numpy())))
+
+
+# The layer groups (:func:`layer_groups`) whose convolution reads the image: each network's first.
+IMAGE_GROUPS = ("teacher_trunk.0", "student_trunk.0", "autoencoder encoder")
 
 
 def layer_groups(module: FusedModel) -> dict[str, str]:
@@ -410,6 +415,7 @@ def quantize_int8(
     expected_validation_scores: Sequence[float] | None = None,
     threads: int | None = None,
     fine_tuned: tuple[FusedModel, dict[str, Any]] | None = None,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
 ) -> Int8Model:
     """Quantise ``model``'s networks to int8, keeping in float the layers its accuracy needs.
 
@@ -426,7 +432,8 @@ def quantize_int8(
     model was calibrated on. ``fine_tuned``: (networks, record) to quantise instead of ``model``'s own
     fused networks, from quantisation-aware fine-tuning
     (:func:`efficientad.training.quantization_aware.fine_tune_for_int8`); the reference stays
-    ``model`` in fp32, and the record goes into the calibration record.
+    ``model`` in fp32, and the record goes into the calibration record. ``on_trial`` is called with
+    each quantisation's record as it is measured (the search can take many minutes).
     """
     if expected_validation_scores is not None and len(validation) != len(expected_validation_scores):
         raise EfficientADError(
@@ -467,6 +474,8 @@ def quantize_int8(
     def trial(kept: Sequence[str]) -> Trial:
         result = measured(quantized(source_graph, kept))
         trials.append({"kept_in_float": list(kept), **verdict(result)})
+        if on_trial is not None:
+            on_trial(trials[-1])
         return Trial(result, trials[-1])
 
     kept, (result, check) = search_float_layers(list(groups), trial)
