@@ -38,8 +38,10 @@ and why each step is here (MVTec AD bottle, ``benchmarks/int8_study.py``):
    what the acceptance test measured.
 8. Quantisation-aware fine-tuning (``fine_tuned``, from
    :func:`efficientad.training.quantization_aware.fine_tune_for_int8`, ``export --qat-steps``)
-   teaches the student and autoencoder to give the fp32 maps under int8 rounding; it took the local
-   map's spread change on bottle from +62% to +4% (README, "Precision").
+   teaches the student and autoencoder to give the fp32 maps under int8 rounding; with full-range
+   weights it took the local map's spread change on bottle from +62% to +4%. With half-range weights
+   post-training int8 alone passed on bottle (+14%) and 200 fine-tuning steps narrowed it by 56%,
+   failing (README, "Precision").
 
 :func:`quantize_int8` returns the int8 model with its calibration record (images used, layers kept
 in float, the map quantiles and threshold measured on it, the proxies and drift against fp32 and
@@ -182,7 +184,7 @@ def input_quantization_range(module: FusedModel) -> tuple[float, float]:
 
 
 def cover_every_image(graph, module: FusedModel) -> int:
-    """Set the int8 range of the networks' input to :func:`input_range`, in place; returns how many quantisers it set.
+    """Set the int8 range of the networks' input to :func:`input_quantization_range`, in place; returns how many quantisers it set.
 
     NNCF measures it on the calibration images, good parts of one product, whose colours span only
     part of what an image can hold; a defect of another colour was then clipped at the networks'
@@ -287,7 +289,8 @@ class LabelledImages(NamedTuple):
         return Measured(raw, quantiles, scores, float(image_auroc(self.labels, scores)), float(au_pro(self.masks, maps[:, 0].numpy())))
 
 
-# The layer groups (:func:`layer_groups`) whose convolution reads the image: each network's first.
+# The networks whose first convolution reads the image, and the layer groups (:func:`layer_groups`) holding those convolutions.
+INPUT_NETWORKS = ("teacher_trunk", "student_trunk", "autoencoder")
 IMAGE_GROUPS = ("teacher_trunk.0", "student_trunk.0", "autoencoder encoder")
 
 

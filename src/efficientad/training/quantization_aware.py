@@ -41,7 +41,7 @@ from tqdm import tqdm
 from ..config import QAT_LEARNING_RATE
 from ..data.images import to_float
 from ..deploy.fused import FusedModel
-from ..deploy.quantize import HALF_RANGE_WEIGHT_LEVELS, input_quantization_range, network_scopes
+from ..deploy.quantize import HALF_RANGE_WEIGHT_LEVELS, INPUT_NETWORKS, input_quantization_range, network_scopes
 from ..errors import EfficientADError, check_count
 from ..model import EfficientADModel
 from .penalty import PenaltySource
@@ -49,8 +49,6 @@ from .train import augment_for_autoencoder, penalty_image
 
 # The networks of the fused model that fine-tuning changes; the teacher's stay as trained.
 FROZEN = ("teacher_trunk", "teacher_head")
-# The networks whose first convolution reads the image.
-INPUT_NETWORKS = ("teacher_trunk", "student_trunk", "autoencoder")
 
 
 class FakeQuantizedConv(nn.Module):
